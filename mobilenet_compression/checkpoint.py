@@ -1,0 +1,80 @@
+"""Checkpoints: atomic writes, safe loads (weights_only=True) and self-describing metadata.
+
+A checkpoint is a plain dict of tensors and Python numbers/strings:
+  format, arch, dataset, num_classes, in_channels, input_size, width_multiplier, seed,
+  epoch (epochs completed), train_acc, val_acc, best_val_acc, test_acc (best.pt, at the end),
+  args (the training command's arguments), model (the state dict);
+last.pt adds optimizer, scheduler, rng and the position inside an interrupted epoch.
+Later commands need only the checkpoint's path: the model is rebuilt from the metadata.
+"""
+
+import os
+import tempfile
+
+import torch
+
+from .errors import UserError
+from .model import build_model
+
+FORMAT = "mobilenet-compression/checkpoint-v1"
+METADATA_KEYS = (
+    "arch", "dataset", "num_classes", "in_channels", "input_size", "width_multiplier", "seed",
+)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash or Ctrl-C
+    mid-write never leaves a truncated checkpoint where a good one was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and check a checkpoint; every way it can be wrong is one UserError sentence."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; train one with `python train.py`.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip/pickle/EOF errors all mean "not a readable checkpoint"
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a PyTorch file ({type(e).__name__}); "
+            f"use another checkpoint or train again."
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        raise UserError(
+            f"{path} is not a mobilenet-compression checkpoint (no {FORMAT!r} metadata); "
+            f"use a checkpoint written by train.py."
+        )
+    missing = [k for k in METADATA_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks the metadata {', '.join(missing)}.")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild the FP32 model described by a checkpoint's metadata and load its weights."""
+    try:
+        model = build_model(
+            ckpt["arch"], ckpt["num_classes"], ckpt["width_multiplier"], ckpt["in_channels"]
+        )
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path} describes a model this version cannot build: {e}.") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(
+            f"the weights in {path} do not fit a MobileNetV2 ({ckpt['arch']}, width "
+            f"{ckpt['width_multiplier']}, {ckpt['num_classes']} classes): it holds another "
+            f"architecture."
+        ) from None
+    return model.eval()
