@@ -6,6 +6,7 @@ and normalised with a few tensor ops (the airbench idea in shared/STYLE.md): no 
 Python or PIL work in the training loop.
 """
 
+import gzip
 import math
 import os
 import shutil
@@ -88,20 +89,24 @@ class Split:
 
 
 def _stage_fashion_mnist(data_dir):
-    """Copy Debian's Fashion-MNIST files into torchvision's layout if --data_dir lacks them.
-    torchvision then verifies their MD5 and unpacks them without touching the network."""
+    """Unpack Debian's Fashion-MNIST files into torchvision's layout if --data_dir lacks
+    them. Debian recompressed the .gz files (their MD5 differs from torchvision's table), so
+    they are unpacked to the raw idx files, which torchvision reads and checks for its magic
+    numbers; the network is never touched."""
     raw = os.path.join(data_dir, "FashionMNIST", "raw")
     names = [name for name, _ in datasets.FashionMNIST.resources]
-    have = all(
-        os.path.exists(os.path.join(raw, n)) or os.path.exists(os.path.join(raw, n[:-3]))
-        for n in names
-    )
-    if have or not all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, n)) for n in names):
+    if all(os.path.exists(os.path.join(raw, n[:-3])) for n in names):
+        return
+    if not all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, n)) for n in names):
         return
     os.makedirs(raw, exist_ok=True)
     for n in names:
-        if not os.path.exists(os.path.join(raw, n)):
-            shutil.copyfile(os.path.join(DEBIAN_FASHION_MNIST, n), os.path.join(raw, n))
+        target = os.path.join(raw, n[:-3])
+        if not os.path.exists(target):
+            with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n), "rb") as src, \
+                    open(target + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(target + ".part", target)
 
 
 def _torchvision_dataset(info, data_dir, train):

@@ -1,5 +1,6 @@
 """User-facing errors: one clear sentence and a non-zero exit, never a traceback."""
 
+import argparse
 import functools
 import sys
 
@@ -28,3 +29,12 @@ def cli(main):
             sys.exit(130)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`error: ...`) and exit 2, like every other
+    user error, instead of the usage block."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help).", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

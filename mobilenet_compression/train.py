@@ -1,0 +1,369 @@
+"""Train an FP32 MobileNetV2 (CIFAR variant) and log every epoch to Weights & Biases.
+
+The loop follows torchvision's references/classification/train.py: `get_args_parser()`,
+`train_one_epoch`, `evaluate`, `main(args)`. The data path is the one in data.py: the whole
+dataset lives on the device as uint8 and is augmented there in batches.
+
+Reproducibility and exact resume: the order and augmentation of epoch e are drawn from a
+generator seeded with (seed, e), and the global RNG (dropout) is seeded with seed + e at the
+start of each epoch, so an epoch's randomness does not depend on what ran before it. An
+interrupted epoch saves the global RNG state and its position, and resumes from there.
+"""
+
+import argparse
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt_io
+from .data import DATASETS, BatchLoader, load_dataset
+from .errors import ArgumentParser, UserError, cli
+from .model import build_model
+from .tracking import WANDB_MODES, init_run, resolve_mode
+
+# Arguments that define the training run; --resume refuses to continue with others.
+RUN_DEFINING = (
+    "dataset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
+    "width_multiplier", "seed", "max_train_samples", "val_size",
+)
+
+
+def get_args_parser(add_help=True):
+    p = ArgumentParser(
+        description="Train an FP32 MobileNetV2 (CIFAR variant) with W&B tracking.",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
+                   help="dataset to train on")
+    p.add_argument("--data_dir", default="./data",
+                   help="where the dataset is (or is downloaded to)")
+    p.add_argument("--epochs", type=int, default=200, help="number of training epochs")
+    p.add_argument("--batch_size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="initial learning rate (cosine annealing to 0)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight_decay", type=float, default=4e-5, help="SGD weight decay")
+    p.add_argument("--label_smoothing", type=float, default=0.1,
+                   help="label smoothing of the cross-entropy loss")
+    p.add_argument("--width_multiplier", type=float, default=1.0,
+                   help="MobileNetV2 width multiplier")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("--val_size", type=int, default=None,
+                   help="images held out of the training set for validation "
+                        "(default: 5000); the checkpoint is chosen on them")
+    p.add_argument("--max_train_samples", type=int, default=None,
+                   help="train on only the first N training images (quick runs)")
+    p.add_argument("--max_eval_samples", type=int, default=None,
+                   help="evaluate on only the first N validation and test images")
+    p.add_argument("--checkpoint_dir", default="checkpoints",
+                   help="where last.pt, best.pt and training_log.txt are written")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --checkpoint_dir from last.pt")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--wandb_mode", default=None, choices=WANDB_MODES,
+                   help="W&B mode (default: $WANDB_MODE, else online; offline by itself "
+                        "when there are no W&B credentials)")
+    p.add_argument("--wandb_project", default=None,
+                   help="W&B project (default: $WANDB_PROJECT, else mobilenet-compression)")
+    return p
+
+
+def check_args(args):
+    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                "width_multiplier": args.width_multiplier}
+    for name, value in positive.items():
+        if not value > 0 or not math.isfinite(value):
+            raise UserError(f"--{name} must be positive, got {value}.")
+    for name in ("max_train_samples", "max_eval_samples", "val_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be a positive number of images, got {value}.")
+    if args.weight_decay < 0:
+        raise UserError(f"--weight_decay must be zero or positive, got {args.weight_decay}.")
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
+    if not 0 <= args.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {args.momentum}.")
+
+
+def prepare_checkpoint_dir(path, resume):
+    """Make sure checkpoints can be written, and never start over a finished run's files."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"cannot write checkpoints to {path} ({e.strerror}); choose another "
+            f"--checkpoint_dir."
+        ) from None
+    last = os.path.join(path, "last.pt")
+    if resume and not os.path.exists(last):
+        raise UserError(f"--resume needs {last}, which does not exist; train without --resume.")
+    if not resume and any(os.path.exists(os.path.join(path, f)) for f in ("last.pt", "best.pt")):
+        raise UserError(
+            f"{path} already holds a training run; pass --resume to continue it or choose "
+            f"another --checkpoint_dir (nothing was overwritten)."
+        )
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary, so the saved state
+    is never half an optimizer step. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train_one_epoch(model, loader, optimizer, criterion, stop, totals, desc):
+    """Train over `loader` from its start step. `totals` (loss sum, correct, seen, steps)
+    carries an interrupted epoch's partial sums. Returns "done", "stopped" or "nan"."""
+    model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=loader.split.images.is_cuda)
+    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    for x, y in bar:
+        with autocast:
+            logits = model(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Sums stay on the device; reading them back every step would stall a GPU.
+        totals["loss"] += loss.detach().float() * len(y)
+        totals["correct"] += (logits.argmax(1) == y).sum()
+        totals["seen"] += len(y)
+        totals["steps"] += 1
+        if totals["steps"] % 20 == 0 or stop.requested:
+            running = float(totals["loss"]) / totals["seen"]
+            if not math.isfinite(running):
+                return "nan"
+            bar.set_postfix(loss=f"{running:.3f}")
+        if stop.requested:
+            return "stopped"
+    return "done" if math.isfinite(float(totals["loss"])) else "nan"
+
+
+@torch.inference_mode()
+def evaluate(model, loader, criterion=None):
+    """Mean loss (if a criterion is given) and accuracy in percent over `loader`."""
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=loader.split.images.is_cuda)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        with autocast:
+            logits = model(x)
+        if criterion is not None:
+            loss_sum += criterion(logits.float(), y) * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    return float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1)
+
+
+def checkpoint_metadata(args, info):
+    return {
+        "format": ckpt_io.FORMAT,
+        "arch": "cifar",
+        "dataset": args.dataset,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "input_size": info.input_size,
+        "width_multiplier": args.width_multiplier,
+        "seed": args.seed,
+        "args": {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))},
+    }
+
+
+def resolve_device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"cannot use --device {name}: {str(e).splitlines()[0]}") from None
+    return device
+
+
+def main(args):
+    check_args(args)
+    prepare_checkpoint_dir(args.checkpoint_dir, args.resume)
+    last_path = os.path.join(args.checkpoint_dir, "last.pt")
+    best_path = os.path.join(args.checkpoint_dir, "best.pt")
+    log_path = os.path.join(args.checkpoint_dir, "training_log.txt")
+
+    state = None
+    if args.resume:
+        state = ckpt_io.load_checkpoint(last_path)
+        for k in RUN_DEFINING:
+            if k in state["args"] and state["args"][k] != getattr(args, k):
+                raise UserError(
+                    f"--resume continues the run in {args.checkpoint_dir} exactly: its "
+                    f"--{k} was {state['args'][k]}, not {getattr(args, k)}."
+                )
+
+    device = resolve_device(args.device)
+    info, train, val, test = load_dataset(args.dataset, args.data_dir, args.val_size)
+    train = train.head(args.max_train_samples).to(device)
+    val = val.head(args.max_eval_samples).to(device)
+    test = test.head(args.max_eval_samples).to(device)
+    # channels_last is faster for MobileNetV2 on the GPU (cuDNN) and on the CPU (oneDNN).
+    channels_last = True
+    train_loader = BatchLoader(train, info, args.batch_size, augment=True, seed=args.seed,
+                               drop_last=len(train) > args.batch_size,
+                               channels_last=channels_last)
+    eval_bs = max(args.batch_size, 512)
+    val_loader = BatchLoader(val, info, eval_bs, channels_last=channels_last)
+    test_loader = BatchLoader(test, info, eval_bs, channels_last=channels_last)
+
+    torch.manual_seed(args.seed)
+    model = build_model("cifar", info.num_classes, args.width_multiplier, info.in_channels)
+    model.to(device)
+    model = model.to(memory_format=torch.channels_last)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, nesterov=False)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    meta = checkpoint_metadata(args, info)
+
+    start_epoch, start_step, best_val, wandb_id = 0, 0, -1.0, None
+    totals = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        best_val = state["best_val_acc"]
+        wandb_id = state.get("wandb_id")
+        if start_step:
+            totals = {k: (torch.tensor(v, device=device) if k in ("loss", "correct") else v)
+                      for k, v in state["partial"].items()}
+        print(f"resuming from {last_path}: epoch {start_epoch + 1}, step {start_step}")
+
+    mode = resolve_mode(args.wandb_mode)
+    run = None
+    if mode != "disabled":
+        run = init_run(mode, "train", vars(args), id=wandb_id, resume="allow" if wandb_id else None,
+                       project=args.wandb_project)
+        wandb_id = run.id
+
+    def save_last(epoch, step, partial=None):
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        ckpt_io.atomic_save({
+            **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+            "partial": partial, "rng": rng, "best_val_acc": best_val, "wandb_id": wandb_id,
+        }, last_path)
+
+    status = "done"
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            t0 = time.perf_counter()
+            if totals is not None and start_step:
+                torch.set_rng_state(state["rng"]["cpu"])
+                if device.type == "cuda" and "cuda" in state["rng"]:
+                    torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+            else:
+                torch.manual_seed(args.seed + epoch)
+                totals = {"loss": torch.zeros((), device=device),
+                          "correct": torch.zeros((), dtype=torch.long, device=device),
+                          "seen": 0, "steps": 0}
+            train_loader.set_epoch(epoch, start_step)
+            start_step = 0
+            status = train_one_epoch(model, train_loader, optimizer, criterion, stop, totals,
+                                     desc=f"epoch {epoch + 1}/{args.epochs}")
+            if status == "nan":
+                raise UserError(
+                    f"the training loss became NaN in epoch {epoch + 1}; {last_path} keeps the "
+                    f"last good epoch. Lower --lr and train again."
+                )
+            if status == "stopped":
+                partial = {"loss": float(totals["loss"]), "correct": int(totals["correct"]),
+                           "seen": totals["seen"], "steps": totals["steps"]}
+                save_last(epoch, totals["steps"], partial)
+                print(f"stopped in epoch {epoch + 1} at step {totals['steps']}; {last_path} "
+                      f"saved: continue with the same command and --resume.")
+                break
+            train_time = time.perf_counter() - t0
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            val_loss, val_acc = evaluate(model, val_loader, criterion)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": float(totals["loss"]) / totals["seen"],
+                "train_acc": 100.0 * int(totals["correct"]) / totals["seen"],
+                "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                "epoch_time_s": time.perf_counter() - t0,
+                "images_per_s": totals["seen"] / train_time,
+            }
+            if val_acc > best_val:
+                best_val = val_acc
+                ckpt_io.atomic_save({**meta, "model": model.state_dict(), "epoch": epoch + 1,
+                                     "train_acc": row["train_acc"], "val_acc": val_acc,
+                                     "best_val_acc": best_val}, best_path)
+            save_last(epoch + 1, 0)
+            line = (f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} "
+                    f"train_acc {row['train_acc']:.2f} val_loss {val_loss:.4f} val_acc "
+                    f"{val_acc:.2f} best_val_acc {best_val:.2f} lr {lr:.5f} "
+                    f"time {row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s")
+            print(line)
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
+            if run is not None:
+                run.log(row, step=epoch + 1)
+
+    if status == "stopped":
+        if run is not None:
+            run.finish(exit_code=130)
+        sys.exit(130)
+
+    best = ckpt_io.load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    _, test_acc = evaluate(model, test_loader)
+    best["test_acc"] = test_acc
+    ckpt_io.atomic_save(best, best_path)
+    print(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.2f} test_acc {test_acc:.2f} "
+          f"-> {best_path}")
+    if run is not None:
+        run.summary.update({"test_acc": test_acc, "best_val_acc": best["val_acc"],
+                            "best_epoch": best["epoch"]})
+        import wandb
+
+        artifact = wandb.Artifact(
+            f"mobilenetv2-{args.dataset}-w{args.width_multiplier:g}", type="model",
+            metadata={k: v for k, v in best.items() if k not in ("model",)},
+        )
+        artifact.add_file(best_path, name="best.pt")
+        run.log_artifact(artifact)
+        run.finish()
+    return best
+
+
+@cli
+def run_cli(argv=None):
+    return main(get_args_parser().parse_args(argv))
