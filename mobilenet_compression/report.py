@@ -1,0 +1,396 @@
+"""The sweep report, drawn locally where the W&B sweep page would draw it:
+`python sweep.py --report results/<sweep_id>` reads runs.csv and writes
+
+- summary.md: seed 004's table (W_bits, A_bits, Accuracy, Drop, Orig_MB, Comp_MB, Ratio) plus
+  BitOps, best configuration first, and the runs that failed;
+- parallel_coordinates.png / .html: W&B's parallel-coordinates panel (the html one, plotly,
+  lets you brush ranges on every axis, offline);
+- pareto.png: accuracy against BitOps and against compressed size, Pareto front highlighted.
+
+Failed runs are listed in summary.md and left out of the pictures.
+"""
+
+import argparse
+from pathlib import Path
+
+from mobilenet_compression import results
+from mobilenet_compression.errors import UserError, cli
+
+# The parallel-coordinates axes, left to right: what was chosen, what it costs, what it gives.
+AXES = ["weight_bits", "activation_bits", "compression_ratio", "compressed_mb", "bitops",
+        "quant_acc"]
+AXIS_LABELS = {
+    "weight_bits": "weight_bits",
+    "activation_bits": "activation_bits",
+    "compression_ratio": "compression_ratio (x)",
+    "compressed_mb": "compressed_mb (MB)",
+    "bitops": "bitops (G)",
+    "quant_acc": "quant_acc (%)",
+}
+GIGA = 1e9
+# plotly.js is ~4.7 MB; past this an offline html is too heavy to keep in the repo.
+HTML_LIMIT_BYTES = 5 * 2**20
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        prog="python sweep.py --report",
+        description="Draw a sweep's report (summary.md, parallel coordinates, Pareto plot) "
+                    "from its runs.csv.")
+    parser.add_argument("--report", required=True, metavar="DIR",
+                        help="the directory holding runs.csv, e.g. results/<sweep_id> "
+                             "(or the runs.csv file itself)")
+    parser.add_argument("--out_dir", default=None,
+                        help="where to write the report (default: the directory of runs.csv)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def split_runs(df):
+    """(finished runs with an accuracy, every other run) of a runs.csv table."""
+    ok = (df["status"] == results.FINISHED)
+    if "quant_acc" in df.columns:
+        ok &= df["quant_acc"].notna()
+    else:
+        ok &= False
+    return df[ok].copy(), df[~ok].copy()
+
+
+def sort_runs(df):
+    """Seed 004's order: weight bits, then activation bits, highest first."""
+    keys = [c for c in ("weight_bits", "activation_bits", "calibration") if c in df.columns]
+    return df.sort_values(keys, ascending=[c == "calibration" for c in keys]) if keys else df
+
+
+def pareto_front(cost, gain):
+    """Mask of the points no other point beats: none is at most as costly and strictly more
+    accurate, or strictly cheaper and at least as accurate."""
+    import numpy as np
+
+    cost, gain = np.asarray(cost, float), np.asarray(gain, float)
+    order = np.lexsort((-gain, cost))  # cheapest first, most accurate first among equals
+    mask = np.zeros(len(cost), bool)
+    best = -np.inf
+    for i in order:
+        if gain[i] > best:
+            mask[i] = True
+            best = gain[i]
+    return mask
+
+
+def run_label(row, with_calibration=False):
+    label = f"W{int(row['weight_bits'])}A{int(row['activation_bits'])}"
+    if with_calibration:
+        label += f" {row['calibration']}"
+    return label
+
+
+def _varies(df, column):
+    return column in df.columns and df[column].nunique(dropna=True) > 1
+
+
+def _config_columns(df):
+    return [c for c in ("weight_bits", "activation_bits", "calibration", "checkpoint")
+            if c in df.columns]
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.md
+
+
+def _fmt(value, digits=2):
+    try:
+        if value != value:  # NaN
+            return "—"
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _provenance(df):
+    parts = []
+    for column, name in (("checkpoint", "checkpoint"), ("dataset", "dataset"),
+                         ("sweep_id", "sweep")):
+        if column in df.columns:
+            values = [str(v) for v in df[column].dropna().unique() if str(v)]
+            if values:
+                parts.append(f"{name} " + ", ".join(f"`{v}`" for v in values))
+    return parts
+
+
+def summary_markdown(df, source):
+    done, other = split_runs(df)
+    done = sort_runs(done)
+    lines = ["# Quantization sweep", ""]
+    facts = _provenance(df)
+    if "baseline_acc" in done.columns and done["baseline_acc"].notna().any():
+        facts.append(f"FP32 accuracy {done['baseline_acc'].dropna().iloc[0]:.2f}%")
+    facts.append(f"{len(done)} finished runs" + (f", {len(other)} failed" if len(other) else ""))
+    lines += ["From " + " · ".join(facts) + f" (`{source}`).", ""]
+
+    calib = _varies(done, "calibration")
+    columns = [("W_bits", "weight_bits", 0), ("A_bits", "activation_bits", 0)]
+    if calib:
+        columns.append(("Calib", "calibration", None))
+    columns += [("Accuracy", "quant_acc", 2), ("Drop", "acc_drop", 2), ("Orig_MB", "orig_mb", 2),
+                ("Comp_MB", "compressed_mb", 3), ("Ratio", "compression_ratio", 2),
+                ("BitOps (G)", "bitops", 2)]
+    columns = [c for c in columns if c[1] in done.columns]
+    rows = []
+    for _, row in done.iterrows():
+        cells = []
+        for _, key, digits in columns:
+            value = row[key]
+            if key == "bitops":
+                value = value / GIGA
+            cells.append(str(value) if digits is None else _fmt(value, digits))
+        rows.append(cells)
+    if rows:
+        lines += [_markdown_table([c[0] for c in columns], rows), ""]
+        lines += ["Accuracy and Drop in %, sizes in MiB of the exported files, BitOps = "
+                  "MACs x weight bits x activation bits per image (FP32 layers at 32 x 32).", ""]
+        if "quant_acc" in done.columns:
+            best = done.loc[done["quant_acc"].idxmax()]
+            lines += [f"Best accuracy: {run_label(best, calib)} at "
+                      f"{best['quant_acc']:.2f}%.", ""]
+    else:
+        lines += ["No run finished, so there is no table and no plot.", ""]
+
+    if len(other):
+        lines += ["## Runs that did not finish", ""]
+        keys = _config_columns(other)
+        finished_configs = {tuple(str(r[k]) for k in keys) for _, r in done.iterrows()}
+        rows = []
+        for _, row in other.iterrows():
+            config = tuple(str(row[k]) for k in keys)
+            code = row.get("exit_code", "")
+            rows.append([f"`{row['run_id']}`", *[str(row[k]) for k in keys], row["status"],
+                         _fmt(code, 0) if code == code else "—",
+                         "yes" if config in finished_configs else "no"])
+        lines += [_markdown_table(["run", *keys, "status", "exit code", "finished on a retry"],
+                                  rows), ""]
+        lines += ["A failed run's log is in `wandb/sweep-<sweep_id>/<run>.log`; running the "
+                  "same sweep again retries it.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _axis_values(df, axis):
+    values = df[axis].astype(float)
+    return values / GIGA if axis == "bitops" else values
+
+
+def _nice_ticks(lo, hi, axis, values):
+    import numpy as np
+
+    if axis in ("weight_bits", "activation_bits"):
+        return np.unique(values)
+    if hi == lo:
+        return np.array([lo])
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = MaxNLocator(nbins=5).tick_values(lo, hi)
+    span = hi - lo
+    return ticks[(ticks >= lo - 1e-9 * span) & (ticks <= hi + 1e-9 * span)]
+
+
+def _tick_text(value):
+    return f"{round(float(value), 2):g}"
+
+
+def plot_parallel_coordinates(df, path):
+    """W&B's parallel-coordinates panel in matplotlib: one vertical axis per column, each
+    scaled to its own range with its own tick labels, one line per run coloured by accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    axes = [a for a in AXES if a in df.columns and df[a].notna().all()]
+    data = {a: _axis_values(df, a).to_numpy() for a in axes}
+    spans = {a: (data[a].min(), data[a].max()) for a in axes}
+
+    def scaled(axis, values):
+        lo, hi = spans[axis]
+        return np.full_like(values, 0.5) if hi == lo else (values - lo) / (hi - lo)
+
+    fig, ax = plt.subplots(figsize=(12, 6))
+    color = df["quant_acc"].astype(float).to_numpy()
+    norm = matplotlib.colors.Normalize(color.min(), color.max() if color.max() > color.min()
+                                       else color.min() + 1)
+    cmap = matplotlib.colormaps["viridis"]
+    xs = np.arange(len(axes))
+    ys = np.stack([scaled(a, data[a]) for a in axes], axis=1)
+    # Best runs drawn last, so they sit on top.
+    for i in np.argsort(color):
+        ax.plot(xs, ys[i], color=cmap(norm(color[i])), linewidth=1.8, alpha=0.85)
+    for x, axis in zip(xs, axes):
+        ax.axvline(x, color="black", linewidth=1)
+        lo, hi = spans[axis]
+        for tick in _nice_ticks(lo, hi, axis, data[axis]):
+            y = 0.5 if hi == lo else (tick - lo) / (hi - lo)
+            ax.plot([x - 0.03, x], [y, y], color="black", linewidth=1)
+            ax.text(x - 0.05, y, _tick_text(tick), ha="right", va="center", fontsize=9,
+                    zorder=3, bbox=dict(facecolor="white", edgecolor="none", alpha=0.85,
+                                        pad=0.5))
+    ax.set_xticks(xs, [AXIS_LABELS[a] for a in axes], fontsize=10)
+    ax.set_xlim(-0.4, len(axes) - 0.8)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_yticks([])
+    for side in ("left", "right", "top", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(f"Quantization sweep: {len(df)} runs, coloured by quant_acc")
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
+    bar.set_label("quant_acc (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_parallel_coordinates_html(df, path):
+    """The same panel as an interactive plotly page: drag on any axis to keep a range."""
+    import plotly.graph_objects as go
+
+    axes = [a for a in AXES if a in df.columns and df[a].notna().all()]
+    dimensions = []
+    for axis in axes:
+        values = _axis_values(df, axis)
+        dim = dict(label=AXIS_LABELS[axis], values=values)
+        if axis in ("weight_bits", "activation_bits"):
+            ticks = sorted(values.unique())
+            dim.update(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+        dimensions.append(dim)
+    fig = go.Figure(go.Parcoords(
+        line=dict(color=df["quant_acc"].astype(float), colorscale="Viridis", showscale=True,
+                  colorbar=dict(title="quant_acc (%)")),
+        dimensions=dimensions,
+        unselected=dict(line=dict(opacity=0.05)),
+    ))
+    fig.update_layout(title=f"Quantization sweep: {len(df)} runs, coloured by quant_acc "
+                            f"(drag along an axis to filter)", margin=dict(l=80, r=80, t=100))
+    # The whole plotly.js inside, so the page works on an air-gapped machine.
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    if Path(path).stat().st_size > HTML_LIMIT_BYTES:
+        fig.write_html(path, include_plotlyjs="cdn", full_html=True)
+        print(f"{path}: plotly.js would make it over 5 MB, so it loads plotly from its CDN")
+    return path
+
+
+def _place_labels(fig, ax, xs, ys, texts, front):
+    """Label points without letting labels overprint: front points first, each label tried at
+    a few offsets around its point, and dropped (the table has it) where all of them collide."""
+    import numpy as np
+
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    placed = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    # The markers are obstacles too, so that no label hides another point.
+    for px, py in ax.transData.transform(np.column_stack([xs, ys])):
+        placed.append(Bbox([[px - 4, py - 4], [px + 4, py + 4]]))
+    offsets = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 10), (-5, 10), (5, -18), (-5, -18)]
+    for i in sorted(range(len(xs)), key=lambda i: (not front[i], -ys[i])):
+        style = dict(fontsize=8, color="tab:red", fontweight="bold") if front[i] else \
+            dict(fontsize=7, color="dimgray")
+        for dx, dy in offsets:
+            label = ax.annotate(texts[i], (xs[i], ys[i]), textcoords="offset points",
+                                xytext=(dx, dy), ha="left" if dx > 0 else "right", zorder=5,
+                                **style)
+            box = label.get_window_extent(renderer)
+            inside = ax.get_window_extent(renderer)
+            fits = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
+                    and box.y1 <= inside.y1)
+            if fits and not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            label.remove()
+    return np.array(placed)
+
+
+def plot_pareto(df, path):
+    """Accuracy against BitOps and against compressed size, one panel each; the Pareto front
+    (no run is both cheaper and more accurate) in red, every point labelled WxAy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [(c, t) for c, t in (("bitops", "BitOps per image (G)"),
+                                   ("compressed_mb", "compressed size (MB)"))
+              if c in df.columns and df[c].notna().all()]
+    if not panels:
+        return None
+    calib = _varies(df, "calibration")
+    fig, axs = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    acc = df["quant_acc"].astype(float).to_numpy()
+    labels = [run_label(r, calib) for _, r in df.iterrows()]
+    for ax, (column, title) in zip(axs[0], panels):
+        cost = _axis_values(df, column).to_numpy()
+        front = pareto_front(cost, acc)
+        ax.scatter(cost[~front], acc[~front], s=30, color="tab:blue", alpha=0.6,
+                   label="dominated")
+        order = np.argsort(cost[front])
+        ax.plot(cost[front][order], acc[front][order], "-o", color="tab:red", markersize=7,
+                linewidth=1.5, label="Pareto front")
+        if cost.min() > 0 and cost.max() / cost.min() > 20:
+            ax.set_xscale("log")  # 2-bit and 32-bit runs differ by orders of magnitude
+        ax.set_xlabel(title)
+        ax.set_ylabel("quant_acc (%)")
+        ax.set_title(f"accuracy vs {title.split(' (')[0]}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    for ax, (column, _) in zip(axs[0], panels):
+        cost = _axis_values(df, column).to_numpy()
+        _place_labels(fig, ax, cost, acc, labels, pareto_front(cost, acc))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(directory, out_dir=None):
+    """Write summary.md and the pictures for the runs.csv in `directory`; returns the paths."""
+    csv_path = results.find_runs_csv(directory)
+    df = results.read_runs(csv_path)
+    out = Path(out_dir) if out_dir else csv_path.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = out / "summary.md"
+        summary.write_text(summary_markdown(df, csv_path))
+    except OSError as e:
+        raise UserError(f"cannot write the report to {out} ({e.strerror or e}); "
+                        f"pass --out_dir a writable directory") from None
+    written = [summary]
+    done, _ = split_runs(df)
+    needed = {"weight_bits", "activation_bits", "quant_acc"}
+    if len(done) and needed <= set(done.columns):
+        done = sort_runs(done)
+        written.append(plot_parallel_coordinates(done, out / "parallel_coordinates.png"))
+        written.append(write_parallel_coordinates_html(done, out / "parallel_coordinates.html"))
+        pareto = plot_pareto(done, out / "pareto.png")
+        if pareto:
+            written.append(pareto)
+    return written
+
+
+@cli
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    for path in write_report(args.report, args.out_dir):
+        print(path)
+    return 0

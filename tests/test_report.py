@@ -1,0 +1,155 @@
+"""runs.csv (mobilenet_compression.results) and the report drawn from it
+(`python sweep.py --report DIR`). Nothing is mocked: real files, real subprocesses."""
+
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mobilenet_compression import report, results
+from mobilenet_compression.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+BITS = [8, 6, 4, 3, 2]
+
+
+def fake_sweep(results_dir, sweep_id="swp00001", failed=((3, 3),)):
+    """A bits sweep's runs.csv with plausible numbers, some configurations failed."""
+    drop_w = {8: 0.1, 6: 0.5, 4: 2.2, 3: 7.5, 2: 33}
+    drop_a = {8: 0.05, 6: 0.4, 4: 3.1, 3: 11, 2: 48}
+    size = {8: 2.35, 6: 1.82, 4: 1.27, 3: 0.99, 2: 0.72}
+    for i, (w, a) in enumerate((w, a) for w in reversed(BITS) for a in BITS):
+        row = {"run_id": f"run{i:05d}", "weight_bits": w, "activation_bits": a,
+               "calibration": "minmax", "checkpoint": "checkpoints/best.pt"}
+        if (w, a) in failed:
+            row.update(status="failed", exit_code=1)
+        else:
+            acc = max(10.0, 93.71 - drop_w[w] - drop_a[a])
+            row.update(dataset="cifar10", baseline_acc=93.71, quant_acc=np.float64(acc),
+                       acc_drop=93.71 - acc, orig_mb=8.71, compressed_mb=size[w],
+                       compression_ratio=8.71 / size[w], bitops=9.2e8 + 9.31e7 * w * a,
+                       bitops_fp32=9.6e10, weight_bitops=2.9e7 + 9.31e7 * w, macs=9.4e7)
+        results.append_run(results_dir, sweep_id, row)
+    return Path(results_dir) / sweep_id
+
+
+def sweep_py(args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "sweep.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+# --- runs.csv -------------------------------------------------------------------------------
+
+
+def test_append_run_keys_rows_by_run_id(tmp_path):
+    path = results.append_run(tmp_path, "swp1", {"run_id": "a", "quant_acc": np.float32(91.5),
+                                                  "weight_bits": np.int64(4)})
+    assert path == tmp_path / "swp1" / "runs.csv"
+    results.append_run(tmp_path, "swp1", {"run_id": "b", "quant_acc": 80.0, "extra": "x"})
+    # The same run again (a retried write, or the agent marking it failed) updates its row.
+    results.append_run(tmp_path, "swp1", {"run_id": "a", "status": "failed", "exit_code": 1})
+    table = results.read_runs(tmp_path / "swp1")
+    assert table["run_id"].tolist() == ["a", "b"]
+    a = table.iloc[0]
+    assert (a["status"], a["exit_code"], a["quant_acc"], a["weight_bits"]) == (
+        "failed", 1, 91.5, 4)
+    assert table.iloc[1]["status"] == "finished" and table.iloc[1]["extra"] == "x"
+    assert list(table.columns[:4]) == ["run_id", "sweep_id", "status", "exit_code"]
+    assert results.runs_csv_path(tmp_path, None) == tmp_path / "runs" / "runs.csv"
+
+
+def _append_many(args):
+    results_dir, writer = args
+    for i in range(10):
+        results.append_run(results_dir, "swp", {"run_id": f"w{writer}-{i}", "quant_acc": i})
+        results.append_run(results_dir, "swp", {"run_id": f"w{writer}-{i}", "quant_acc": i})
+    return writer
+
+
+def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:
+        list(pool.map(_append_many, [(tmp_path, w) for w in range(4)]))
+    table = pd.read_csv(tmp_path / "swp" / "runs.csv")
+    assert len(table) == 40 and table["run_id"].is_unique
+
+
+def test_append_run_to_an_unwritable_place_is_a_user_error(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    with pytest.raises(UserError, match="cannot write the results table"):
+        results.append_run(tmp_path / "taken", "swp", {"run_id": "a"})
+    with pytest.raises(ValueError, match="run_id"):
+        results.append_run(tmp_path, "swp", {"quant_acc": 1.0})
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def test_pareto_front():
+    cost = [1, 2, 3, 4, 2, 5]
+    acc = [10, 50, 40, 80, 50, 80]
+    # (3, 40) is beaten by (2, 50); (5, 80) by (4, 80); the two (2, 50) keep one.
+    assert report.pareto_front(cost, acc).tolist() == [True, True, False, True, False, False]
+
+
+def test_report_cli_writes_table_plots_and_lists_failures(tmp_path):
+    sweep_dir = fake_sweep(tmp_path / "results")
+    out = sweep_py(["--report", str(sweep_dir)], tmp_path)
+    assert out.returncode == 0, out.stderr
+
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "checkpoint `checkpoints/best.pt`" in summary and "dataset `cifar10`" in summary
+    assert "sweep `swp00001`" in summary and "24 finished runs, 1 failed" in summary
+    header = "| W_bits | A_bits | Accuracy | Drop | Orig_MB | Comp_MB | Ratio | BitOps (G) |"
+    assert header in summary
+    lines = summary.splitlines()
+    start = lines.index(header) + 2
+    table = [line.strip("| ").split(" | ") for line in lines[start:start + 24]]
+    order = [(int(r[0]), int(r[1])) for r in table]
+    assert order == sorted(order, reverse=True)  # W then A, highest first
+    assert table[0] == ["8", "8", "93.56", "0.15", "8.71", "2.350", "3.71", "6.88"]
+    assert "## Runs that did not finish" in summary
+    assert "| `run00008` | 3 | 3 | minmax | checkpoints/best.pt | failed | 1 | no |" in summary
+
+    import matplotlib.image
+
+    for name, size in (("parallel_coordinates.png", (720, 1440)), ("pareto.png", (660, 1680))):
+        image = matplotlib.image.imread(sweep_dir / name)
+        assert image.shape[:2] == size, name
+        assert image.std() > 0.05, name  # something is drawn
+    html = (sweep_dir / "parallel_coordinates.html").read_text()
+    assert '"type":"parcoords"' in html.replace(" ", "")
+    for label in report.AXIS_LABELS.values():
+        assert label in html
+    assert not re.search(r"<script[^>]*\bsrc=", html) and "Plotly.newPlot" in html
+    assert len(html) > 3_000_000  # plotly.js itself is inside: the page works offline
+    assert (sweep_dir / "parallel_coordinates.html").stat().st_size < report.HTML_LIMIT_BYTES
+
+
+def test_report_with_calibration_column_and_only_failures(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, "calib", failed=())
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    table.loc[table["activation_bits"] == 2, "calibration"] = "mse"
+    table.to_csv(sweep_dir / "runs.csv", index=False)
+    report.write_report(sweep_dir)
+    assert "| W_bits | A_bits | Calib | Accuracy |" in (sweep_dir / "summary.md").read_text()
+
+    only_failed = fake_sweep(tmp_path, "dead", failed=[(w, a) for w in BITS for a in BITS])
+    written = report.write_report(only_failed)
+    assert [p.name for p in written] == ["summary.md"]
+    summary = (only_failed / "summary.md").read_text()
+    assert "0 finished runs, 25 failed" in summary and "No run finished" in summary
+
+
+def test_report_of_a_directory_without_runs_csv_is_one_clear_error(tmp_path):
+    out = sweep_py(["--report", str(tmp_path / "nowhere")], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: no runs.csv in {tmp_path / 'nowhere'}; pass the directory a sweep wrote its "
+        f"results to, e.g. results/<sweep_id>"]
