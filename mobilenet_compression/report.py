@@ -34,7 +34,7 @@ HTML_LIMIT_BYTES = 5 * 2**20
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        prog="python sweep.py --report",
+        prog="python sweep.py",
         description="Draw a sweep's report (summary.md, parallel coordinates, Pareto plot) "
                     "from its runs.csv.")
     parser.add_argument("--report", required=True, metavar="DIR",
@@ -51,11 +51,8 @@ def get_args_parser():
 
 def split_runs(df):
     """(finished runs with an accuracy, every other run) of a runs.csv table."""
-    ok = (df["status"] == results.FINISHED)
-    if "quant_acc" in df.columns:
-        ok &= df["quant_acc"].notna()
-    else:
-        ok &= False
+    ok = df["status"] == results.FINISHED
+    ok &= df["quant_acc"].notna() if "quant_acc" in df.columns else False
     return df[ok].copy(), df[~ok].copy()
 
 
@@ -82,6 +79,8 @@ def pareto_front(cost, gain):
 
 
 def run_label(row, with_calibration=False):
+    if "weight_bits" not in row or "activation_bits" not in row:
+        return str(row["run_id"])  # a sweep of something else than bits
     label = f"W{int(row['weight_bits'])}A{int(row['activation_bits'])}"
     if with_calibration:
         label += f" {row['calibration']}"

@@ -153,7 +153,8 @@ def read_runs(path):
 
     csv_path = find_runs_csv(path)
     try:
-        df = pd.read_csv(csv_path)
+        # Ids stay text even when a random id happens to be all digits.
+        df = pd.read_csv(csv_path, dtype={"run_id": str, "sweep_id": str})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise UserError(f"{csv_path} is not a readable CSV table ({e}); "
                         f"restore it or delete it and run the sweep again") from None

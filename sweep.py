@@ -1,0 +1,30 @@
+"""Quantization sweeps of MobileNetV2, tracked in W&B.
+
+  python sweep.py --checkpoint checkpoints/best.pt --weight_bits 4 --activation_bits 8
+      one run; also what `wandb agent` launches for every run of sweeps/bits.yaml
+  python sweep.py --sweep sweeps/bits.yaml [--agents K] [--count N]
+      the whole sweep locally and offline, as `wandb agent` would run it
+  python sweep.py --report results/<sweep_id>
+      summary.md and plots from a sweep's runs.csv
+"""
+
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = {arg.split("=", 1)[0] for arg in argv}
+    # Imported lazily: each mode pays only for its own imports (a run does not need the agent).
+    if "--sweep" in flags:
+        from mobilenet_compression.agent import main as mode
+    elif "--report" in flags:
+        from mobilenet_compression.report import main as mode
+    else:
+        if flags & {"-h", "--help"}:
+            print(__doc__)
+        from mobilenet_compression.run import main as mode
+    return mode(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
