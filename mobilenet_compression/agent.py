@@ -18,6 +18,7 @@ adds a row only for a run that failed, so the report can list it.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -281,10 +282,13 @@ def _expand_command(config, sweep_id, run_id, params, wandb_dir):
     return command, param_path
 
 
-def run_environment(config, sweep_id, results_dir, wandb_dir):
+def run_environment(config, sweep_id, results_dir, wandb_dir, agents=1):
     """The environment every run of this sweep gets on top of ours: what `wandb agent` sets
     (sweep id, project and entity, WANDB_DIR), offline mode, and our results directory."""
     env = dict(os.environ)
+    if agents > 1 and "OMP_NUM_THREADS" not in env:
+        # K runs that each take every core (torch's default) fight over them; share instead.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // agents))
     env.pop("WANDB_SERVICE", None)  # as wandb agent does: each run starts its own service
     env.update({
         "WANDB_SWEEP_ID": sweep_id,
@@ -340,6 +344,30 @@ def _tail(path, lines=3):
     return "\n".join("    " + line for line in text[-lines:])
 
 
+_critical = {"depth": 0, "pending": False}
+
+
+def _on_stop_signal(signum, frame):
+    if _critical["depth"]:
+        _critical["pending"] = True
+    else:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """Ctrl-C and SIGTERM wait until the block is done, so the state never says `running`
+    for a run that was not started, and no started run goes unrecorded."""
+    _critical["depth"] += 1
+    try:
+        yield
+    finally:
+        _critical["depth"] -= 1
+    if not _critical["depth"] and _critical["pending"]:
+        _critical["pending"] = False
+        raise KeyboardInterrupt
+
+
 def _stop(running):
     """Ctrl-C: give every run SIGINT (so it can close its W&B run as failed, not crashed),
     wait a while, then kill what is left. A second Ctrl-C kills at once."""
@@ -387,7 +415,7 @@ def run_sweep(config, sweep_path, sweep_id, agents, count, results_dir):
                         f"({e.strerror or e}); pass --results_dir a writable directory") from None
     state_path = out_dir / STATE_FILE
     wandb_dir = os.path.abspath(os.environ.get("WANDB_DIR") or os.getcwd())
-    env = run_environment(config, sweep_id, results_dir, wandb_dir)
+    env = run_environment(config, sweep_id, results_dir, wandb_dir, agents)
     invocation = uuid.uuid4().hex
     host, agent_pid = socket.gethostname(), os.getpid()
 
@@ -446,29 +474,32 @@ def run_sweep(config, sweep_path, sweep_id, agents, count, results_dir):
         while True:
             giving_up = failed >= MAX_INITIAL_FAILURES and failed >= ended
             while not giving_up and len(running) < agents and (todo is None or launched < todo):
-                claimed = _update_state(state_path, claim)
-                if claimed is None:
-                    todo = bar.total = launched  # the grid is done, or another agent has it
-                    bar.refresh()
-                    break
-                run_id, params = claimed
-                launched += 1
-                try:
-                    running[run_id] = launch(config, sweep_id, run_id, params, env, wandb_dir)
-                except OSError as e:  # e.g. the command's executable does not exist
-                    bar.write(f"run {run_id} could not start: {e}", file=sys.stderr)
-                    record(run_id, None, None, "failed")
-                    ended += 1
-                    failed += 1
-                    bar.update()
+                with _uninterrupted():  # a claimed run is always launched and tracked
+                    claimed = _update_state(state_path, claim)
+                    if claimed is None:
+                        todo = bar.total = launched  # the grid is done, or another agent has it
+                        bar.refresh()
+                        break
+                    run_id, params = claimed
+                    launched += 1
+                    try:
+                        running[run_id] = launch(config, sweep_id, run_id, params, env,
+                                                 wandb_dir)
+                    except OSError as e:  # e.g. the command's executable does not exist
+                        bar.write(f"run {run_id} could not start: {e}", file=sys.stderr)
+                        record(run_id, None, None, "failed")
+                        ended += 1
+                        failed += 1
+                        bar.update()
             if not running:
                 break
             time.sleep(POLL_S)
             for run_id, (proc, log_path) in list(running.items()):
                 if proc.poll() is None:
                     continue
-                del running[run_id]
-                params = record(run_id, proc.returncode, log_path)
+                with _uninterrupted():  # an ended run is always recorded
+                    del running[run_id]
+                    params = record(run_id, proc.returncode, log_path)
                 ended += 1
                 what = " ".join(f"{k}={v}" for k, v in params.items())
                 if proc.returncode == 0:
@@ -489,6 +520,12 @@ def run_sweep(config, sweep_path, sweep_id, agents, count, results_dir):
                 record(run_id, 0, log_path)
             else:
                 record(run_id, proc.returncode, log_path, "killed")
+
+        def forget_claims(state):  # none should be left; if one is, it must be run again
+            for entry in state["runs"]:
+                if entry.get("invocation") == invocation and entry["state"] == "running":
+                    entry["state"] = "killed"
+        _update_state(state_path, forget_claims)
         raise
     bar.close()
     if failed >= MAX_INITIAL_FAILURES and failed >= ended:
@@ -512,8 +549,15 @@ def main(argv=None):
                         f"the sweep from the directory its `program:` is relative to (the "
                         f"repository root for sweeps/*.yaml)")
     sweep_id = args.sweep_id or sweep_id_for(config)
-    launched, failed = run_sweep(config, args.sweep, sweep_id, args.agents, args.count,
-                                 args.results_dir)
+    # The runs live in their own process groups, so a SIGTERM (a cluster's time limit, `kill`)
+    # would orphan them; it is handled like Ctrl-C: stop them and keep what finished.
+    previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launched, failed = run_sweep(config, args.sweep, sweep_id, args.agents, args.count,
+                                     args.results_dir)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     out_dir = results.sweep_dir(args.results_dir, sweep_id)
     if launched or not (out_dir / "summary.md").exists():
         if (out_dir / results.RUNS_CSV).exists():

@@ -256,7 +256,8 @@ def test_bayes_sweep_learns_from_finished_runs(tmp_path, env):
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
-def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env, signum):
     yaml_path = write_yaml(tmp_path / "slow.yaml", {
         "weight_bits": {"values": [8, 4]}, "activation_bits": {"value": 8},
         # The first run ends at once, the second would take a minute.
@@ -279,7 +280,7 @@ def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env):
         agent.kill()
         pytest.fail("the sweep never reached its slow run")
     running = [e for e in json.loads(state_path.read_text())["runs"] if e["state"] == "running"]
-    agent.send_signal(signal.SIGINT)
+    agent.send_signal(signum)
     _, stderr = agent.communicate(timeout=40)
     assert agent.returncode == 130, stderr
     assert "Traceback" not in stderr
