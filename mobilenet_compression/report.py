@@ -191,18 +191,39 @@ def _axis_values(df, axis):
     return values / GIGA if axis == "bitops" else values
 
 
-def _nice_ticks(lo, hi, axis, values):
+def _panel_axes(df):
+    """The parallel-coordinates axes this table has, as (label, values, ticks): ticks are
+    [(value, text)] for discrete axes, None where the axis' scale picks them. A calibration
+    sweep gets a calibration axis, its methods as categories."""
     import numpy as np
 
-    if axis in ("weight_bits", "activation_bits"):
-        return np.unique(values)
-    if hi == lo:
-        return np.array([lo])
+    names = [a for a in AXES if a in df.columns and df[a].notna().all()]
+    if _varies(df, "calibration"):
+        names.insert(names.index("activation_bits") + 1 if "activation_bits" in names else 0,
+                     "calibration")
+    axes = []
+    for name in names:
+        if name == "calibration":
+            methods = sorted(df[name].astype(str).unique())
+            values = df[name].astype(str).map(methods.index).to_numpy(float)
+            ticks = list(enumerate(methods))
+        else:
+            values = _axis_values(df, name).to_numpy()
+            ticks = None
+            if name in ("weight_bits", "activation_bits"):
+                ticks = [(v, f"{v:g}") for v in np.unique(values)]
+        axes.append((AXIS_LABELS.get(name, name), values, ticks))
+    return axes
+
+
+def _nice_ticks(lo, hi):
     from matplotlib.ticker import MaxNLocator
 
+    if hi == lo:
+        return [(lo, _tick_text(lo))]
     ticks = MaxNLocator(nbins=5).tick_values(lo, hi)
     span = hi - lo
-    return ticks[(ticks >= lo - 1e-9 * span) & (ticks <= hi + 1e-9 * span)]
+    return [(t, _tick_text(t)) for t in ticks if lo - 1e-9 * span <= t <= hi + 1e-9 * span]
 
 
 def _tick_text(value):
@@ -218,34 +239,31 @@ def plot_parallel_coordinates(df, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    axes = [a for a in AXES if a in df.columns and df[a].notna().all()]
-    data = {a: _axis_values(df, a).to_numpy() for a in axes}
-    spans = {a: (data[a].min(), data[a].max()) for a in axes}
+    axes = _panel_axes(df)
 
-    def scaled(axis, values):
-        lo, hi = spans[axis]
+    def scaled(values, lo, hi):
         return np.full_like(values, 0.5) if hi == lo else (values - lo) / (hi - lo)
 
-    fig, ax = plt.subplots(figsize=(12, 6))
+    fig, ax = plt.subplots(figsize=(1.75 * len(axes) + 1.5, 6))
     color = df["quant_acc"].astype(float).to_numpy()
     norm = matplotlib.colors.Normalize(color.min(), color.max() if color.max() > color.min()
                                        else color.min() + 1)
     cmap = matplotlib.colormaps["viridis"]
     xs = np.arange(len(axes))
-    ys = np.stack([scaled(a, data[a]) for a in axes], axis=1)
+    ys = np.stack([scaled(v, v.min(), v.max()) for _, v, _ in axes], axis=1)
     # Best runs drawn last, so they sit on top.
     for i in np.argsort(color):
         ax.plot(xs, ys[i], color=cmap(norm(color[i])), linewidth=1.8, alpha=0.85)
-    for x, axis in zip(xs, axes):
+    for x, (_, values, ticks) in zip(xs, axes):
         ax.axvline(x, color="black", linewidth=1)
-        lo, hi = spans[axis]
-        for tick in _nice_ticks(lo, hi, axis, data[axis]):
+        lo, hi = values.min(), values.max()
+        for tick, text in ticks or _nice_ticks(lo, hi):
             y = 0.5 if hi == lo else (tick - lo) / (hi - lo)
             ax.plot([x - 0.03, x], [y, y], color="black", linewidth=1)
-            ax.text(x - 0.05, y, _tick_text(tick), ha="right", va="center", fontsize=9,
+            ax.text(x - 0.05, y, text, ha="right", va="center", fontsize=9,
                     zorder=3, bbox=dict(facecolor="white", edgecolor="none", alpha=0.85,
                                         pad=0.5))
-    ax.set_xticks(xs, [AXIS_LABELS[a] for a in axes], fontsize=10)
+    ax.set_xticks(xs, [label.replace(" (", "\n(") for label, _, _ in axes], fontsize=10)
     ax.set_xlim(-0.4, len(axes) - 0.8)
     ax.set_ylim(-0.05, 1.05)
     ax.set_yticks([])
@@ -264,14 +282,11 @@ def write_parallel_coordinates_html(df, path):
     """The same panel as an interactive plotly page: drag on any axis to keep a range."""
     import plotly.graph_objects as go
 
-    axes = [a for a in AXES if a in df.columns and df[a].notna().all()]
     dimensions = []
-    for axis in axes:
-        values = _axis_values(df, axis)
-        dim = dict(label=AXIS_LABELS[axis], values=values)
-        if axis in ("weight_bits", "activation_bits"):
-            ticks = sorted(values.unique())
-            dim.update(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    for label, values, ticks in _panel_axes(df):
+        dim = dict(label=label, values=values)
+        if ticks:
+            dim.update(tickvals=[t for t, _ in ticks], ticktext=[text for _, text in ticks])
         dimensions.append(dim)
     fig = go.Figure(go.Parcoords(
         line=dict(color=df["quant_acc"].astype(float), colorscale="Viridis", showscale=True,

@@ -139,6 +139,10 @@ def test_report_with_calibration_column_and_only_failures(tmp_path):
     table.to_csv(sweep_dir / "runs.csv", index=False)
     report.write_report(sweep_dir)
     assert "| W_bits | A_bits | Calib | Accuracy |" in (sweep_dir / "summary.md").read_text()
+    # A calibration sweep gets a calibration axis, its methods as the tick labels.
+    html = (sweep_dir / "parallel_coordinates.html").read_text()
+    assert '"label":"calibration"' in html.replace(" ", "")
+    assert '"ticktext":["minmax","mse"]' in html.replace(" ", "")
 
     only_failed = fake_sweep(tmp_path, "dead", failed=[(w, a) for w in BITS for a in BITS])
     written = report.write_report(only_failed)
