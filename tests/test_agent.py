@@ -291,9 +291,14 @@ def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env, signum)
     table = pd.read_csv(state_path.parent / "runs.csv")
     assert sorted(table["status"]) == ["finished", "killed"]
     # No run is left behind.
-    pids = subprocess.run(["pgrep", "-f", "--", "--sleep=60"], capture_output=True,
-                          text=True).stdout.split()
-    assert pids == []
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"--sleep=60" in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:  # the process ended while we looked
+            pass
+    assert left == []
 
 
 @pytest.mark.parametrize("text, extra, message", [
