@@ -7,14 +7,16 @@ grid, random, bayes, and its schema check) proposes the runs, and each run is la
 written to `$WANDB_DIR/wandb/sweep-<id>/config-<run>.yaml`, WANDB_SWEEP_ID, WANDB_RUN_ID and
 WANDB_SWEEP_PARAM_PATH are set, and the yaml's `command` is run with its macros expanded by
 wandb's own code. So a program that works under `wandb agent` works here unchanged, and its
-offline runs can be browsed with `wandb leet` or uploaded with `wandb sync`.
+offline runs can be browsed with `wandb leet` or uploaded with `wandb sync`. (A W&B server
+refuses runs of a sweep it does not know, wandb/wandb#8115: to upload them into a sweep, create
+it with `wandb sweep` and pass its id with --sweep_id.)
 
 What the agent keeps, in `<results_dir>/<sweep_id>/agent_state.json`: every run it launched,
 with its parameters, state (running, finished, failed, killed), exit code, log and, for bayes,
 its W&B summary. The sweep id is a hash of the yaml's content, so running the same yaml again
 finds that file and resumes: finished configurations are not run again; failed and killed ones
 are. The runs themselves write `runs.csv` beside it (mobilenet_compression.results); the agent
-adds a row only for a run that failed, so the report can list it.
+adds a row only for a run that failed or was stopped, so the report can list it.
 """
 
 import argparse
