@@ -36,9 +36,6 @@ from .quantization import (
 )
 from .tracking import WANDB_MODES, init_run, resolve_mode
 
-SWEEP_ENV = ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH")
-
-
 def get_args_parser():
     p = ArgumentParser(
         prog="sweep.py",
@@ -156,34 +153,37 @@ def run_quantization(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     in_sweep = bool(os.environ.get("WANDB_SWEEP_PARAM_PATH"))
+    loaded = None
     if not in_sweep:  # outside a sweep, bad flags fail before anything is written
         check_args(args)
-        load_checkpoint(args.checkpoint)
+        loaded = load_model(args.checkpoint)
     mode = resolve_mode(args.wandb_mode)
     run = None
     if mode != "disabled":
         run = init_run(mode, "quantize", vars(args))
-        try:
-            apply_sweep_config(args, run.config, parser)
-            check_args(args)
-        except UserError:
-            run.finish(exit_code=2)
-            raise
     try:
-        metrics = quantize_and_measure(args, run)
-    except BaseException:
         if run is not None:
-            run.finish(exit_code=1)
+            apply_sweep_config(args, run.config, parser)
+        check_args(args)
+        metrics = quantize_and_measure(args, run, loaded or load_model(args.checkpoint))
+    except BaseException as e:
+        if run is not None:
+            run.finish(exit_code=2 if isinstance(e, UserError) else 1)
         raise
     if run is not None:
         run.finish()
     return metrics
 
 
-def quantize_and_measure(args, run):
+def load_model(path):
+    """(checkpoint dict, FP32 model): every way the checkpoint can be wrong is a UserError."""
+    ckpt = load_checkpoint(path)
+    return ckpt, model_from_checkpoint(ckpt, path)
+
+
+def quantize_and_measure(args, run, loaded):
     t_start = time.perf_counter()
-    ckpt = load_checkpoint(args.checkpoint)
-    fp32 = model_from_checkpoint(ckpt, args.checkpoint)
+    ckpt, fp32 = loaded
     device = resolve_device(args.device)
     data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "./data"
     info, train, _, test = load_dataset(ckpt["dataset"], data_dir,
