@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 
 from mobilenet_compression import results
-from mobilenet_compression.errors import UserError, cli
+from mobilenet_compression.errors import ArgumentParser, UserError, cli
 
 METHODS = ("grid", "random", "bayes")
 STATE_FILE = "agent_state.json"
@@ -54,7 +54,7 @@ def _positive_int(text):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python sweep.py",
         description="Run a W&B sweep yaml locally and offline, as `wandb agent` would, "
                     "with W&B's own sweep engine; then write the report.")

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .errors import UserError, cli
+from .errors import ArgumentParser, UserError, cli
 from .model import build_model, classifier_name, first_conv_name
 
 FP32 = 32
@@ -298,7 +298,7 @@ def _bits(text):
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m mobilenet_compression.bitops",
         description="Per-layer MACs and BitOps (MACs x weight bits x activation bits) of "
                     "MobileNetV2 under a precision plan. Layers kept in FP32 count at 32x32.",

@@ -10,11 +10,10 @@
 Failed runs are listed in summary.md and left out of the pictures.
 """
 
-import argparse
 from pathlib import Path
 
 from mobilenet_compression import results
-from mobilenet_compression.errors import UserError, cli
+from mobilenet_compression.errors import ArgumentParser, UserError, cli
 
 # The parallel-coordinates axes, left to right: what was chosen, what it costs, what it gives.
 AXES = ["weight_bits", "activation_bits", "compression_ratio", "compressed_mb", "bitops",
@@ -33,7 +32,7 @@ HTML_LIMIT_BYTES = 5 * 2**20
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python sweep.py",
         description="Draw a sweep's report (summary.md, parallel coordinates, Pareto plot) "
                     "from its runs.csv.")
