@@ -7,10 +7,9 @@ REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 VENV ?= $(HOME)/.cache/mobilenet-compression/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-DEMO_DIR ?= runs/demo
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test
 
 setup: $(VENV)/.installed $(FASHION_MNIST)
 
@@ -23,16 +22,16 @@ $(FASHION_MNIST):
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist
 
-# A short FP32 training on real Fashion-MNIST, W&B offline. Re-running reuses the checkpoint.
-$(DEMO_DIR)/checkpoints/best.pt: | setup
-	$(PY) train.py --dataset fashion-mnist --data_dir $(DEMO_DIR)/data --width_multiplier 0.35 \
-		--epochs 4 --max_train_samples 20000 --batch_size 128 --lr 0.1 --seed 42 \
-		--checkpoint_dir $(DEMO_DIR)/checkpoints
+# 1. A short FP32 training on real Fashion-MNIST, W&B offline, into checkpoints/ (the path
+#    sweeps/bits.yaml names). An existing checkpoints/best.pt is reused, never overwritten.
+checkpoints/best.pt: | setup
+	$(PY) train.py --dataset fashion-mnist --data_dir ./data --width_multiplier 0.35 \
+		--epochs 3 --max_train_samples 20000 --batch_size 128 --lr 0.1 --seed 42 \
+		--checkpoint_dir checkpoints
 
-demo: $(DEMO_DIR)/checkpoints/best.pt
+# 2. The whole 5x5 bits sweep, offline, two runs at a time; then summary.md and the plots.
+demo: checkpoints/best.pt
+	$(PY) sweep.py --sweep sweeps/bits.yaml --agents 2
 
 test: setup
 	$(PY) -m pytest -q
-
-clean-demo:
-	rm -rf $(DEMO_DIR)

@@ -119,7 +119,7 @@ def baseline_accuracy(model, loader, cache_dir, key):
     instead of re-evaluating the FP32 model 25 times."""
     path = os.path.join(cache_dir, "baseline_acc.json")
     os.makedirs(cache_dir, exist_ok=True)
-    with FileLock(path + ".lock", timeout=600):
+    with FileLock(os.path.join(cache_dir, ".baseline_acc.json.lock"), timeout=600):
         cache = json.load(open(path)) if os.path.exists(path) else {}
         if key not in cache:
             cache[key] = evaluate(model, loader)
