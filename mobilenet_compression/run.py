@@ -35,6 +35,7 @@ from .quantization import (
     quantize_model,
 )
 from .tracking import WANDB_MODES, init_run, resolve_mode
+from .train import resolve_device
 
 def get_args_parser():
     p = ArgumentParser(
@@ -128,17 +129,6 @@ def baseline_accuracy(model, loader, cache_dir, key):
                 json.dump(cache, f, indent=1)
             os.replace(tmp, path)
     return cache[key]
-
-
-def resolve_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"cannot use --device {name}: {str(e).splitlines()[0]}") from None
-    return device
 
 
 def main(argv=None):
