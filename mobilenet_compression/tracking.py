@@ -28,6 +28,8 @@ def has_credentials():
 def resolve_mode(requested=None):
     """The W&B mode to use: the flag, else $WANDB_MODE, else online; online without
     credentials becomes offline (announced in one line)."""
+    if os.environ.get("WANDB_MODE") == "":  # wandb itself rejects an empty WANDB_MODE
+        del os.environ["WANDB_MODE"]
     mode = requested or os.environ.get("WANDB_MODE") or "online"
     mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
     if mode not in WANDB_MODES:
