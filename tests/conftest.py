@@ -1,0 +1,91 @@
+"""Shared fixtures: the real Fashion-MNIST files and a small MobileNetV2 trained on them."""
+
+import contextlib
+import copy
+import os
+
+import pytest
+import torch
+
+from mobilenet_compression.data import DEBIAN_FASHION_MNIST, BatchLoader, load_dataset
+from mobilenet_compression.model import build_model
+
+# A few hundred SGD steps at width 0.25 give ~80% test accuracy: enough for quantization
+# effects (a lost activation bit, a per-tensor scale) to show in accuracy and logits.
+SMALL_MODEL_RECIPE = dict(width_multiplier=0.25, steps=240, batch_size=64, max_lr=0.2,
+                          weight_decay=5e-5, seed=0)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run with n intra-op threads. On 2 shared cores, two OpenMP threads that spin while the
+    other core is busy made a training step ~15x slower than one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist(tmp_path_factory):
+    """(info, train, val, test) Splits of the real Fashion-MNIST, via data.load_dataset."""
+    if not os.path.isdir(DEBIAN_FASHION_MNIST):
+        pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return load_dataset("fashion-mnist", str(tmp_path_factory.mktemp("data")))
+
+
+def _train_small_model(info, train, recipe):
+    torch.manual_seed(recipe["seed"])
+    model = build_model("cifar", info.num_classes, recipe["width_multiplier"], info.in_channels)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe["max_lr"], momentum=0.9, nesterov=True,
+                          weight_decay=recipe["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["max_lr"],
+                                                total_steps=recipe["steps"], pct_start=0.25)
+    loader = BatchLoader(train, info, recipe["batch_size"], seed=recipe["seed"], drop_last=True)
+    model.train()
+    step = 0
+    with torch_threads(1):
+        while step < recipe["steps"]:
+            for x, y in loader:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                if step == recipe["steps"]:
+                    break
+            loader.set_epoch(loader.epoch + 1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def _fashion_mnist_state(fashion_mnist, request):
+    """State dict of the small trained model, kept in pytest's cache between sessions (keyed
+    on the recipe and the torch version) since training takes about a minute on 2 cores."""
+    info, train, _, _ = fashion_mnist
+    key = "-".join(f"{k}{v}" for k, v in sorted(SMALL_MODEL_RECIPE.items()))
+    key = f"{key}-torch{torch.__version__}".replace("/", "_")
+    path = request.config.cache.mkdir("mobilenet-compression") / f"fashion-mnist-{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a truncated cache file: train again
+            pass
+    state = _train_small_model(info, train, SMALL_MODEL_RECIPE).state_dict()
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return state
+
+
+@pytest.fixture
+def fashion_mnist_model(fashion_mnist, _fashion_mnist_state):
+    """A fresh copy (eval mode) of the small FP32 MobileNetV2 trained on Fashion-MNIST."""
+    info = fashion_mnist[0]
+    model = build_model("cifar", info.num_classes, SMALL_MODEL_RECIPE["width_multiplier"],
+                        info.in_channels)
+    model.load_state_dict(copy.deepcopy(_fashion_mnist_state))
+    return model.eval()
