@@ -101,7 +101,7 @@ def only_sweep_dir(results_dir):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, runs", [("bits", 25), ("calibration", 18)])
+@pytest.mark.parametrize("name, runs", [("bits", 25), ("calibration", 18), ("per_tensor", 25)])
 def test_repo_sweeps_pass_wandb_schema(name, runs):
     import sweeps
 
@@ -114,9 +114,10 @@ def test_repo_sweeps_pass_wandb_schema(name, runs):
     assert config["program"] == "sweep.py" and config["method"] == "grid"
     assert config["metric"] == {"name": "quant_acc", "goal": "maximize"}
     assert config["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
-    # Only flags of the single run (DESIGN.md), so the run program accepts every proposal.
-    flags = {"checkpoint", "weight_bits", "activation_bits", "calibration", "calib_batches",
-             "max_eval_samples", "results_dir", "wandb_mode"}
+    # Only flags of the single run, so the run program accepts every proposal.
+    from mobilenet_compression.run import get_args_parser
+
+    flags = {a.dest for a in get_args_parser()._actions} - {"help"}
     assert set(config["parameters"]) <= flags
     proposals = sweeps.next_runs(config, [], n=1000)
     configs = {tuple(sorted((k, v["value"]) for k, v in run.config.items()))
