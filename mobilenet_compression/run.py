@@ -56,7 +56,7 @@ def get_args_parser():
                    help="calibration batches of training images (default: %(default)s)")
     p.add_argument("--calib_batch_size", type=int, default=128,
                    help="images per calibration batch (default: %(default)s)")
-    p.add_argument("--weight_method", default="mse", choices=WEIGHT_METHODS,
+    p.add_argument("--weight_method", default="minmax", choices=WEIGHT_METHODS,
                    help="per-channel weight scale: absmax, or the clip with the least "
                         "squared error (default: %(default)s)")
     p.add_argument("--weight_granularity", default="per_channel",
@@ -232,6 +232,7 @@ def quantize_and_measure(args, run, loaded):
         "weight_method": args.weight_method,
         "weight_granularity": args.weight_granularity,
         "eval_images": len(test),
+        "eval_seconds": eval_s,
         "eval_images_per_s": len(test) / eval_s,
         "roundtrip_max_abs_diff": roundtrip_diff,
         "run_seconds": time.perf_counter() - t_start,
