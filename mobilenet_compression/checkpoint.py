@@ -22,14 +22,14 @@ METADATA_KEYS = (
 )
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash or Ctrl-C
-    mid-write never leaves a truncated checkpoint where a good one was."""
+def atomic_write(path, write):
+    """Call write(f) on a temporary file in the same folder, then rename it to `path`: a
+    crash or Ctrl-C mid-write never leaves a truncated file where a good one was."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +37,11 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, map_location="cpu"):

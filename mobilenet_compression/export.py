@@ -37,11 +37,11 @@ import json
 import math
 import os
 import struct
-import tempfile
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
 from .errors import UserError
 from .model import build_model
 from .quantization import (
@@ -161,20 +161,14 @@ def export_quantized(qmodel, path, metadata):
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mbq", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(PREAMBLE.pack(MAGIC, VERSION, len(header)))
-            f.write(header)
-            for _, array in records:
-                f.write(np.ascontiguousarray(array).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(f):
+        f.write(PREAMBLE.pack(MAGIC, VERSION, len(header)))
+        f.write(header)
+        for _, array in records:
+            f.write(np.ascontiguousarray(array).tobytes())
+
+    atomic_write(path, write)
     return os.path.getsize(path)
 
 
