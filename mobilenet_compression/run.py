@@ -17,7 +17,6 @@ import os
 import time
 import uuid
 
-import torch
 from filelock import FileLock
 
 from . import bitops, results

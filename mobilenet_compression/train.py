@@ -193,7 +193,8 @@ def checkpoint_metadata(args, info):
         "input_size": info.input_size,
         "width_multiplier": args.width_multiplier,
         "seed": args.seed,
-        "args": {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))},
+        "args": {k: v for k, v in vars(args).items()
+                 if v is None or isinstance(v, (int, float, str, bool))},
     }
 
 
@@ -266,8 +267,8 @@ def main(args):
     mode = resolve_mode(args.wandb_mode)
     run = None
     if mode != "disabled":
-        run = init_run(mode, "train", vars(args), id=wandb_id, resume="allow" if wandb_id else None,
-                       project=args.wandb_project)
+        run = init_run(mode, "train", vars(args), id=wandb_id,
+                       resume="allow" if wandb_id else None, project=args.wandb_project)
         wandb_id = run.id
 
     def save_last(epoch, step, partial=None):
