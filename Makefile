@@ -29,9 +29,11 @@ checkpoints/best.pt: | setup
 		--epochs 3 --max_train_samples 20000 --batch_size 128 --lr 0.1 --seed 42 \
 		--checkpoint_dir checkpoints
 
-# 2. The whole 5x5 bits sweep, offline, two runs at a time; then summary.md and the plots.
+# 2. The whole 5x5 bits sweep, offline, two runs at a time; then summary.md and the plots, in
+#    runs/demo/<sweep id>/ (untracked), so a fresh clone really runs it instead of resuming
+#    the copy committed in results/.
 demo: checkpoints/best.pt
-	$(PY) sweep.py --sweep sweeps/bits.yaml --agents 2
+	$(PY) sweep.py --sweep sweeps/bits.yaml --agents 2 --results_dir runs/demo
 
 test: setup
 	$(PY) -m pytest -q
