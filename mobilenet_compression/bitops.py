@@ -33,22 +33,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import ArgumentParser, UserError, cli
-from .model import build_model, classifier_name, first_conv_name
+from .model import build_model
+from .precision import FP32, check_bits, quantized_layer_names, uniform_plan, weight_layers
 
-FP32 = 32
-VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 TOTAL_KEYS = ("macs", "bitops", "bitops_fp32", "weight_bitops")
 
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def check_bits(bits, what="bit width"):
-    """bits must be an int in 2..8, or 16/32 for floating point; otherwise ValueError."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
-        raise ValueError(f"{what} must be 2..8 (quantized) or 16/32 (float), got {bits!r}")
-    return bits
 
 
 def layer_type(module):
@@ -61,17 +53,13 @@ def layer_type(module):
     return "grouped"  # never in MobileNetV2; named so a grouped conv is not mislabeled
 
 
-def _layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 def layer_stats(model, input_size):
     """One dict per Conv2d and Linear, in forward order: name, type, in_channels,
     out_channels, kernel, stride, groups, input_hw, output_hw, macs. kernel, stride and the
     sizes are (h, w) tuples, None for a Linear. MACs are per image of size input_size
     (an int or (h, w)), the model's input channels taken from its first conv."""
     h, w = _pair(input_size)
-    layers = _layers(model)
+    layers = weight_layers(model)
     if not layers:
         raise ValueError("the model has no Conv2d or Linear layer")
     in_channels = next(m.in_channels for _, m in layers if isinstance(m, nn.Conv2d))
@@ -86,7 +74,7 @@ def layer_stats(model, input_size):
             shapes[name] = (tuple(inputs[0].shape), tuple(output.shape))
         return record
 
-    meta_layers = dict(_layers(meta))
+    meta_layers = dict(weight_layers(meta))
     handles = [meta_layers[n].register_forward_hook(hook(n)) for n, _ in layers]
     counter = FlopCounterMode(display=False)
     try:
@@ -122,19 +110,6 @@ def layer_stats(model, input_size):
     return rows
 
 
-def quantized_layer_names(model, quantize_all=False):
-    """Every Conv2d and Linear, except the first conv and the classifier unless quantize_all
-    (DESIGN: those two stay FP32; seed 003's setting quantizes them too)."""
-    keep_fp32 = set() if quantize_all else {first_conv_name(model), classifier_name(model)}
-    return [n for n, _ in _layers(model) if n not in keep_fp32]
-
-
-def uniform_plan(model, weight_bits, activation_bits, quantize_all=False):
-    check_bits(weight_bits, "weight_bits")
-    check_bits(activation_bits, "activation_bits")
-    return {n: (weight_bits, activation_bits) for n in quantized_layer_names(model, quantize_all)}
-
-
 def block_of(name):
     """The stage a layer belongs to: 'features.N' for MobileNetV2's features, else the
     top-level child ('classifier')."""
@@ -155,7 +130,7 @@ def adaptive_plan(model, input_size, activation_bits=None, tiers=(2, 4, 8), quan
     for b in tiers:
         check_bits(b, "adaptive tier bits")
     if activation_bits is not None:
-        check_bits(activation_bits, "activation_bits")
+        check_bits(activation_bits, "--activation_bits")
     names = set(quantized_layer_names(model, quantize_all))
     block_macs = {}
     for r in layer_stats(model, input_size):
@@ -177,13 +152,13 @@ def bitops_report(model, input_size, plan):
     plan are FP32 (32 x 32). A plan naming anything but a Conv2d/Linear of the model is an
     error, since a typo would otherwise silently leave a layer in FP32."""
     rows = layer_stats(model, input_size)
-    known = {n for n, _ in _layers(model)}
+    known = {n for n, _ in weight_layers(model)}
     unknown = sorted(set(plan) - known)
     if unknown:
-        raise ValueError(f"the plan names layers the model does not have: {', '.join(unknown)}")
+        raise UserError(f"the plan names layers the model does not have: {', '.join(unknown)}.")
     for name, (wb, ab) in plan.items():
-        check_bits(wb, f"weight bits of {name}")
-        check_bits(ab, f"activation bits of {name}")
+        check_bits(wb, f"the weight bits of {name}")
+        check_bits(ab, f"the activation bits of {name}")
     totals = dict.fromkeys(TOTAL_KEYS, 0)
     for r in rows:
         wb, ab = plan.get(r["name"], (FP32, FP32))
@@ -386,9 +361,7 @@ def resolve_model(args):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     for flag in ("weight_bits", "activation_bits"):
-        if getattr(args, flag) not in VALID_BITS:
-            raise UserError(f"--{flag} must be 2..8 (quantized) or 16/32 (float), "
-                            f"got {getattr(args, flag)}.")
+        check_bits(getattr(args, flag), f"--{flag}")
     for path, flag in ((args.compare, "--compare"), (args.csv, "--csv")):
         if path is not None:
             _check_output(path, flag)

@@ -18,6 +18,7 @@ sys.path.insert(0, REPO)  # the bare `pytest` entry point does not put the repo 
 
 from mobilenet_compression import bitops  # noqa: E402
 from mobilenet_compression.checkpoint import FORMAT, atomic_save  # noqa: E402
+from mobilenet_compression.errors import UserError  # noqa: E402
 from mobilenet_compression.model import build_model  # noqa: E402
 
 CLI = [sys.executable, "-m", "mobilenet_compression.bitops"]
@@ -159,11 +160,11 @@ def test_report_does_not_touch_the_model_and_is_fast(cifar):
 
 
 def test_bad_plans_are_rejected(cifar):
-    with pytest.raises(ValueError, match="does not have"):
+    with pytest.raises(UserError, match="does not have"):
         bitops.bitops_report(cifar, 32, {"features.99.conv": (4, 4)})
-    with pytest.raises(ValueError, match="2..8"):
+    with pytest.raises(UserError, match="2..8"):
         bitops.bitops_report(cifar, 32, {"features.1.conv.1": (1, 8)})
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         bitops.uniform_plan(cifar, 4, 9)
     # 16 and 32 are floating point, counted at their width.
     rows, _ = bitops.bitops_report(cifar, 32, {"features.1.conv.1": (16, 32)})
