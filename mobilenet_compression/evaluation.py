@@ -1,8 +1,10 @@
-"""Accuracy of a model (FP32 or fake-quantized) over a BatchLoader, exactly in FP32.
+"""The one `evaluate`: accuracy (and loss) of a model, FP32 or fake-quantized, over a
+BatchLoader. Training (validation each epoch) and quantization runs both use it.
 
-No autocast here, unlike a training loop's evaluation may use: bf16 would change the numbers a
-fake-quantized model is meant to reproduce. Speed comes from inference_mode, large batches
-and channels_last (fake-quantized weights are cached by the quantized layers themselves).
+Quantization runs evaluate exactly in FP32: bf16 would change the numbers a fake-quantized
+model is meant to reproduce. Training may pass bf16=True, which autocasts on a CUDA device
+only (as the training step does). Speed comes from inference_mode, large batches and
+channels_last.
 """
 
 import torch
@@ -38,15 +40,22 @@ def predict(model, loader):
 
 
 @torch.inference_mode()
-def evaluate(model, loader):
-    """Top-1 accuracy in percent over `loader` (the model is put in eval mode and in the
-    loader's memory format)."""
+def evaluate(model, loader, criterion=None, bf16=False):
+    """Top-1 accuracy in percent over `loader`; with a `criterion`, (mean loss, accuracy).
+    The model is put in eval mode and in the loader's memory format."""
     prepare_for_eval(model, loader)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=bf16 and loader.split.images.is_cuda)
     correct = torch.zeros((), dtype=torch.int64)
-    seen = 0
+    loss_sum, seen = 0.0, 0
     for x, y in loader:
-        correct += (model(x).argmax(1) == y).sum().cpu()
+        with autocast:
+            logits = model(x)
+        if criterion is not None:
+            loss_sum += float(criterion(logits.float(), y)) * len(y)
+        correct += (logits.argmax(1) == y).sum().cpu()
         seen += len(y)
     if seen == 0:
         raise ValueError("evaluate() got an empty loader")
-    return 100.0 * int(correct) / seen
+    accuracy = 100.0 * int(correct) / seen
+    return (loss_sum / seen, accuracy) if criterion is not None else accuracy

@@ -13,7 +13,6 @@ interrupted epoch saves the global RNG state and its position, and resumes from 
 import argparse
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -25,7 +24,9 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_io
 from .data import DATASETS, BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
+from .evaluation import evaluate
 from .model import build_model
+from .signals import StopFlag
 from .tracking import WANDB_MODES, init_run, resolve_mode
 
 # Arguments that define the training run; --resume refuses to continue with others.
@@ -116,29 +117,6 @@ def prepare_checkpoint_dir(path, resume):
         )
 
 
-class StopFlag:
-    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary, so the saved state
-    is never half an optimizer step. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def train_one_epoch(model, loader, optimizer, criterion, stop, totals, desc):
     """Train over `loader` from its start step. `totals` (loss sum, correct, seen, steps)
     carries an interrupted epoch's partial sums. Returns "done", "stopped" or "nan"."""
@@ -165,22 +143,6 @@ def train_one_epoch(model, loader, optimizer, criterion, stop, totals, desc):
         if stop.requested:
             return "stopped"
     return "done" if math.isfinite(float(totals["loss"])) else "nan"
-
-
-@torch.inference_mode()
-def evaluate(model, loader, criterion=None):
-    """Mean loss (if a criterion is given) and accuracy in percent over `loader`."""
-    model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=loader.split.images.is_cuda)
-    loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in loader:
-        with autocast:
-            logits = model(x)
-        if criterion is not None:
-            loss_sum += criterion(logits.float(), y) * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-    return float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1)
 
 
 def checkpoint_metadata(args, info):
@@ -313,7 +275,7 @@ def main(args):
             train_time = time.perf_counter() - t0
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            val_loss, val_acc = evaluate(model, val_loader, criterion)
+            val_loss, val_acc = evaluate(model, val_loader, criterion, bf16=True)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": float(totals["loss"]) / totals["seen"],
@@ -345,7 +307,7 @@ def main(args):
 
     best = ckpt_io.load_checkpoint(best_path)
     model.load_state_dict(best["model"])
-    _, test_acc = evaluate(model, test_loader)
+    _, test_acc = evaluate(model, test_loader, criterion, bf16=True)
     best["test_acc"] = test_acc
     ckpt_io.atomic_save(best, best_path)
     print(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.2f} test_acc {test_acc:.2f} "
