@@ -27,7 +27,8 @@ Tensors:
   signedness and zero point (always 0) are in the header.
 - every other tensor the model needs at inference, float32, under its state-dict name: the
   stem conv, every BatchNorm's weight (gamma), bias, running_mean and running_var, the
-  classifier, biases, and weights of layers the plan leaves at 16/32 bits. BatchNorm's
+  classifier, biases (also those bias correction gave a quantized layer), and weights of
+  layers the plan leaves at 16/32 bits. BatchNorm's
   num_batches_tracked is a training counter and is not stored.
 The dequantized weight q * scale equals the fake-quantized weight bit for bit, so the
 loaded model's logits equal the fake-quantized model's.
@@ -219,8 +220,11 @@ def load_quantized(path):
         raise UserError(f"{path} names no network this version can build; export it "
                         f"again.") from None
     qmodel = quantize_model(model, plan, weight_granularity=header["weight_granularity"])
-    state = qmodel.state_dict()
     layers = dict(quant_layers(qmodel))
+    for name, layer in layers.items():  # biases added by bias correction
+        if f"{name}.bias" in tensors:
+            layer.add_bias()
+    state = qmodel.state_dict()
     expected_fp32 = set(_fp32_tensors(qmodel))
     try:
         for name, entry in header["layers"].items():

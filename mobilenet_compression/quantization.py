@@ -25,31 +25,47 @@ quantizer modules:
   cuts the weight error but shrinks each channel's output, which the frozen FP32 BatchNorm
   after it no longer renormalises; on the test model it lost to minmax at 3-4 bits.
 
-Bits are integers in 2..8; 16 and 32 mean "leave this tensor FP32". Both quantizers go
-through one function, `fake_quantize`: torch's fake-quantize ops when a gradient is needed
-(straight-through, so the same modules serve QAT), else a pure-tensor round/clamp path
-that gives the same numbers bit for bit (tested) and is faster at inference.
+Bits are integers in 2..8; 16 and 32 mean "leave this tensor FP32" (rules in precision.py).
+Both quantizers go through one function, `fake_quantize`: torch's fake-quantize ops when a
+gradient is needed (straight-through), else a pure-tensor round/clamp path that gives the
+same numbers bit for bit (tested) and is faster at inference. For quantization-aware
+training the scales become learnable (LSQ, Esser et al. 2020): torch's
+`_fake_quantize_learnable_per_{channel,tensor}_affine` ops, with LSQ's gradient scale.
 
-Eval speed: without autograd, the fake-quantized weight is computed once and cached, keyed
-on the weight's and scale's storage and version counters (an optimizer step, .to() or
-load_state_dict invalidate it; writing through `weight.data` bypasses the version counter
-and does not). And where a torch.fx trace shows a layer is the only reader of a freshly
-computed input (the ReLU6 outputs feeding depthwise and projection convs), the activation
-is fake-quantized in place instead of into a new tensor.
+The flow, each step a function here (run.py calls them in this order):
+  prepare          `quantize_model`: swap the layers, set weight scales;
+  calibrate        `calibrate`: activation ranges from training images;
+  bias_correct     `bias_correct` (optional): empirical bias correction;
+  (train)          qat.train_qat (optional): fine-tune weights and scales;
+  convert          `convert`: freeze: scales fixed, each weight replaced by its quantized
+                   value (codes x scale), so the model is exactly what the exported file holds.
+
+There is no cache of fake-quantized weights: a cache keyed on storage pointers could go
+stale when memory was reused, and re-quantizing the weights costs little next to the convs
+(benchmarks/quantized_eval.py). Where a torch.fx trace shows a layer is the only reader of a
+freshly computed input (the ReLU6 outputs feeding depthwise and projection convs), the
+activation is fake-quantized in place at inference instead of into a new tensor.
 """
 
 import copy
+import itertools
 import math
-import numbers
 import operator
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .model import classifier_name, first_conv_name
+from .precision import (  # noqa: F401  (check_bits and uniform_plan are re-exported)
+    check_bits,
+    check_plan,
+    is_fp32,
+    quantized_layer_names,
+    signed_range,
+    uniform_plan,
+    unsigned_range,
+)
 
-FP32_BITS = (16, 32)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_METHODS = ("minmax", "mse")
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
@@ -64,37 +80,10 @@ MIN_SCALE = 1e-12  # an all-zero channel or tensor still gets a finite, positive
 
 # ---------------------------------------------------------------------------- validation
 
-def check_bits(bits, flag="--weight_bits"):
-    """Return `bits` as an int, or raise the UserError a user of `flag` should read."""
-    ok = (
-        not isinstance(bits, bool)
-        and isinstance(bits, numbers.Real)
-        and float(bits).is_integer()
-        and (2 <= bits <= 8 or bits in FP32_BITS)
-    )
-    if not ok:
-        raise UserError(f"{flag} must be an integer in 2..8, or 16/32 for FP32, got {bits}.")
-    return int(bits)
-
-
-def is_fp32(bits):
-    return bits in FP32_BITS
-
-
 def _check_choice(value, choices, flag):
     if value not in choices:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
     return value
-
-
-def signed_range(bits, narrow=False):
-    """(qmin, qmax) of b-bit two's-complement integers; narrow drops -2^(b-1)."""
-    qmax = 2 ** (bits - 1) - 1
-    return (-qmax if narrow else -qmax - 1), qmax
-
-
-def unsigned_range(bits):
-    return 0, 2**bits - 1
 
 
 # ------------------------------------------------------------------------- fake quantize
@@ -174,7 +163,40 @@ def _mse_clip(x, absmax, quant, ratios=MSE_RATIOS, chunk=8):
     return best
 
 
-class WeightQuantizer(nn.Module):
+class _LearnableScale:
+    """Shared by both quantizers: `scale` is a buffer, or, while learning (QAT), a Parameter
+    of the same name (so the state dict does not change). LSQ's gradient scale
+    1/sqrt(N * qmax) (N: values sharing one scale) keeps the step sizes' updates in
+    proportion to the weights' (Esser et al. 2020, section 2.2)."""
+
+    def learn_scale(self, learn=True):
+        value = self.scale.detach().clone()
+        del self.scale  # a buffer or a Parameter alike
+        if learn:
+            self.scale = nn.Parameter(value)
+        else:
+            self.register_buffer("scale", value)
+
+    @property
+    def learning(self):
+        return isinstance(self.scale, nn.Parameter)
+
+    @torch.no_grad()
+    def clamp_scale(self):
+        """Keep learned step sizes positive (an optimizer step may push one through 0)."""
+        self.scale.clamp_(min=MIN_SCALE)
+
+    def _lsq(self, x, axis, per_scale):
+        zero_point = torch.zeros_like(self.scale)
+        grad_factor = 1.0 / math.sqrt(per_scale * self.qmax)
+        if axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale, zero_point, self.qmin, self.qmax, grad_factor)
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, self.scale, zero_point, axis, self.qmin, self.qmax, grad_factor)
+
+
+class WeightQuantizer(_LearnableScale, nn.Module):
     """Symmetric narrow-range weight quantizer. scale: (out_channels,) per channel, (1,) per
     tensor; set from the weight by `init_scale` (weights need no calibration data)."""
 
@@ -210,7 +232,11 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight, impl="auto"):
         if not self.enabled:
             return weight
-        return fake_quantize(weight, self.scale, self.qmin, self.qmax, self.axis, impl=impl)
+        if self.learning and torch.is_grad_enabled():
+            per_scale = weight.numel() // self.scale.numel()
+            return self._lsq(weight, self.axis, per_scale)
+        return fake_quantize(weight, self.scale.detach(), self.qmin, self.qmax, self.axis,
+                             impl=impl)
 
     def integers(self, weight):
         """Integer codes in [qmin, qmax] (int16) with weight_hat = codes * scale."""
@@ -223,7 +249,7 @@ class WeightQuantizer(nn.Module):
                 f"range=[{self.qmin}, {self.qmax}]")
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(_LearnableScale, nn.Module):
     """Per-tensor input-activation quantizer with zero point 0.
 
     Modes: "observe" (calibration: record statistics, pass x through unchanged), "quantize"
@@ -280,7 +306,12 @@ class ActQuantizer(nn.Module):
         self.signed = bool(signed)
         if scale is None:
             scale = max(float(clip), 0.0) / self.qmax
-        self.scale = torch.tensor([max(float(scale), MIN_SCALE)], device=self.scale.device)
+        value = torch.tensor([max(float(scale), MIN_SCALE)], device=self.scale.device)
+        if self.learning:
+            with torch.no_grad():
+                self.scale.copy_(value)
+        else:
+            self.scale = value
         self.calibrated = True
         self.mode = "quantize"
 
@@ -318,8 +349,10 @@ class ActQuantizer(nn.Module):
             raise RuntimeError(
                 "activation quantizers are not calibrated; call calibrate(qmodel, loader) first"
             )
+        if self.learning and torch.is_grad_enabled():
+            return self._lsq(x, None, x[0].numel())
         inplace = self.inplace and impl != "torch" and not torch.is_grad_enabled()
-        return fake_quantize(x, self.scale, self.qmin, self.qmax, None, impl=impl,
+        return fake_quantize(x, self.scale.detach(), self.qmin, self.qmax, None, impl=impl,
                              inplace=inplace)
 
     def extra_repr(self):
@@ -334,8 +367,7 @@ class ActQuantizer(nn.Module):
 # ---------------------------------------------------------------------------- layers
 
 class _QuantLayer:
-    """Shared by QuantConv2d and QuantLinear: input_quant, weight_quant and a cache of the
-    fake-quantized weight for eval without autograd."""
+    """Shared by QuantConv2d and QuantLinear: input_quant and weight_quant."""
 
     def _setup_quant(self, weight_bits, activation_bits, granularity, method):
         self.weight_bits = weight_bits
@@ -343,33 +375,18 @@ class _QuantLayer:
         self.input_quant = ActQuantizer(activation_bits)
         self.weight_quant = WeightQuantizer(weight_bits, granularity, method)
         self.weight_quant.init_scale(self.weight)
-        self._wq_cache = None
-        self._wq_key = None
 
     def quantized_weight(self):
-        wq = self.weight_quant
-        if not wq.enabled:
-            return self.weight
-        if self.training or torch.is_grad_enabled():
-            return wq(self.weight)  # QAT / gradients: straight-through, never cached
-        w, s = self.weight, wq.scale
-        key = (w.data_ptr(), w._version, w.dtype, w.device, w.is_contiguous(),
-               s.data_ptr(), s._version)
-        if key != self._wq_key:
-            # Built outside inference mode so the cache is an ordinary tensor, usable by a
-            # later no_grad forward too.
-            with torch.inference_mode(False), torch.no_grad():
-                cached = wq(w)
-                if cached.stride() != w.stride():  # keep the weight's memory format
-                    cached = torch.empty_like(w).copy_(cached)
-            self._wq_cache, self._wq_key = cached, key
-        return self._wq_cache
+        """The fake-quantized weight (straight-through gradients when autograd is on)."""
+        return self.weight_quant(self.weight)
 
-    def __getstate__(self):
-        # The cache is derived state: deepcopy and pickle drop it (it is rebuilt on use).
-        state = self.__dict__.copy()
-        state["_wq_cache"] = state["_wq_key"] = None
-        return state
+    def add_bias(self):
+        """Give the layer a zero bias (bias correction adds to it); returns the bias."""
+        if self.bias is None:
+            out = self.weight.shape[0]
+            self.bias = nn.Parameter(torch.zeros(out, device=self.weight.device,
+                                                 dtype=self.weight.dtype))
+        return self.bias
 
 
 class QuantConv2d(_QuantLayer, nn.Conv2d):
@@ -410,23 +427,9 @@ QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 # ---------------------------------------------------------------------------- model level
 
-def quantized_layer_names(model):
-    """Names of the layers that get quantized: every Conv2d and Linear except the stem conv
-    and the classifier (DESIGN.md, Definitions)."""
-    keep = {first_conv_name(model), classifier_name(model)}
-    return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in keep]
-
-
 def quant_layers(qmodel):
     """(name, layer) of every QuantConv2d / QuantLinear in a quantized model."""
     return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)]
-
-
-def uniform_plan(model, weight_bits, activation_bits):
-    """A precision plan (layer name -> (weight_bits, activation_bits)) with the same bits on
-    every quantized layer."""
-    return {n: (weight_bits, activation_bits) for n in quantized_layer_names(model)}
 
 
 # Modules whose output is a new tensor (never a view of their input), so a single consumer
@@ -469,28 +472,12 @@ def exclusive_input_layers(model, names):
 
 
 def _normalise_plan(model, plan):
-    names = quantized_layer_names(model)
     if isinstance(plan, (tuple, list)) and len(plan) == 2:
         plan = uniform_plan(model, *plan)
     if not isinstance(plan, dict):
         raise TypeError("plan must be a dict layer name -> (weight_bits, activation_bits) "
                         "or one (weight_bits, activation_bits) pair")
-    fp32_layers = {first_conv_name(model), classifier_name(model)}
-    out = {}
-    for name, bits in plan.items():
-        wb, ab = bits
-        wb = check_bits(wb, "--weight_bits")
-        ab = check_bits(ab, "--activation_bits")
-        if name in fp32_layers:
-            if not (is_fp32(wb) and is_fp32(ab)):
-                raise UserError(f"layer {name} (stem conv or classifier) stays FP32; its plan "
-                                f"entry must be 16 or 32 bits, got W{wb}A{ab}.")
-            continue
-        if name not in names:
-            raise UserError(f"the precision plan names {name!r}, which is not a quantizable "
-                            f"Conv2d/Linear of this model.")
-        out[name] = (wb, ab)
-    return out
+    return check_plan(model, plan)
 
 
 def _swap(model, name, new):
@@ -550,6 +537,24 @@ class activations_fp32:
             q.mode = mode
 
 
+def _training_batches(loader, num_batches, what):
+    """How many batches of `loader` to read, after checking it reads TRAINING images: test
+    or validation images must never shape a quantized model."""
+    split = getattr(loader, "split", None)
+    split_name = getattr(split, "name", None)
+    if split_name != "train":
+        raise UserError(
+            f"{what} must read training images, got the {split_name!r} split; pass a "
+            f"BatchLoader over the train split."
+        )
+    if num_batches is not None and (isinstance(num_batches, bool) or num_batches < 1):
+        raise UserError(f"--calib_batches must be at least 1, got {num_batches}.")
+    total = len(loader) if num_batches is None else min(num_batches, len(loader))
+    if total < 1:
+        raise UserError(f"the {what} split holds no images; use a non-empty train split.")
+    return total
+
+
 def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
     """Set every activation quantizer's scale and signedness from training images.
 
@@ -562,19 +567,7 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
     with the smallest squared error on the sample). Returns qmodel.
     """
     _check_choice(method, CALIBRATION_METHODS, "--calibration")
-    split = getattr(loader, "split", None)
-    split_name = getattr(split, "name", None)
-    if split_name != "train":
-        raise UserError(
-            f"calibration must read training images, got the {split_name!r} split; pass a "
-            f"BatchLoader over the train split."
-        )
-    if num_batches is not None and (isinstance(num_batches, bool) or num_batches < 1):
-        raise UserError(f"--calib_batches must be at least 1, got {num_batches}.")
-    total = len(loader) if num_batches is None else min(num_batches, len(loader))
-    if total < 1:
-        raise UserError("the calibration split holds no images; calibrate on a non-empty "
-                        "train split.")
+    total = _training_batches(loader, num_batches, "calibration")
     quantizers = _act_quantizers(qmodel)
     per_batch = 0 if method == "minmax" else max(1024, ACT_SAMPLE_SIZE // total)
     for i, q in enumerate(quantizers):
@@ -599,3 +592,84 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
     finally:
         qmodel.train(was_training)
     return qmodel
+
+
+def _channel_mean(outputs):
+    """Per-channel (dim 1) mean over every other dimension of a list of tensors."""
+    total, count = 0.0, 0
+    for y in outputs:
+        dims = [d for d in range(y.dim()) if d != 1]
+        total = total + y.double().sum(dims)
+        count += y.numel() // y.shape[1]
+    return (total / count).float()
+
+
+def _layer_outputs(block, layer, inputs):
+    """Run `block` on each input and return what `layer` (a module inside it) output."""
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        for x in inputs:
+            block(x)
+    finally:
+        handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def bias_correct(qmodel, fp32_model, loader, num_batches=None):
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight
+    Equalization and Bias Correction", section 4.2, the variant with data).
+
+    For each quantized layer in network order, the per-output-channel mean of (quantized
+    output - FP32 output) over the calibration images is subtracted through a bias on that
+    layer (added if it has none; export.py stores it). "Quantized output" is the layer's
+    output inside the quantized network with every earlier layer already corrected; "FP32
+    output" the same layer's output in the FP32 network. To stay in network order without
+    L full passes, the images are carried block by block (the model's `features`): each
+    block runs once per quantized layer in it, on the cached block inputs. Reads the same
+    TRAINING batches as calibration; call after `calibrate`. Returns qmodel.
+    """
+    total = _training_batches(loader, num_batches, "bias correction")
+    batches = [x for x, _ in itertools.islice(iter(loader), total)]
+    layers = quant_layers(qmodel)
+    inplace = [(m.input_quant, m.input_quant.inplace) for _, m in layers]
+    for q, _ in inplace:  # cached block inputs must not be overwritten by a later layer
+        q.inplace = False
+    was_training = qmodel.training, fp32_model.training
+    qmodel.eval()
+    fp32_model.eval()
+    try:
+        xq, xf = batches, [x.clone() for x in batches]
+        for bq, bf in zip(qmodel.features, fp32_model.features):
+            fp_modules = dict(bf.named_modules())
+            for name, layer in bq.named_modules():
+                if not isinstance(layer, QUANT_LAYERS):
+                    continue
+                want = _channel_mean(_layer_outputs(bf, fp_modules[name], xf))
+                got = _channel_mean(_layer_outputs(bq, layer, xq))
+                layer.add_bias().sub_((got - want).to(layer.weight.dtype))
+            xq = [bq(x) for x in xq]
+            xf = [bf(x) for x in xf]
+    finally:
+        for q, flag in inplace:
+            q.inplace = flag
+        qmodel.train(was_training[0])
+        fp32_model.train(was_training[1])
+    return qmodel
+
+
+@torch.no_grad()
+def convert(qmodel):
+    """Freeze a prepared (and calibrated, perhaps trained) model: learned scales become
+    fixed buffers and each quantized weight is replaced by its quantized value (integer codes
+    x scale). Quantizing it again gives it back unchanged, so the model computes exactly what
+    the exported file holds. Returns qmodel in eval mode."""
+    for _, layer in quant_layers(qmodel):
+        for q in (layer.input_quant, layer.weight_quant):
+            if q.learning:
+                q.clamp_scale()
+                q.learn_scale(False)
+        if layer.weight_quant.enabled:
+            layer.weight.copy_(layer.weight_quant(layer.weight.detach(), impl="tensor"))
+    return qmodel.eval()

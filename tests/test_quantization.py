@@ -15,6 +15,7 @@ from mobilenet_compression.quantization import (
     QuantLinear,
     calibrate,
     check_bits,
+    convert,
     exclusive_input_layers,
     fake_quantize,
     quant_layers,
@@ -306,16 +307,25 @@ def test_in_place_activation_quantization_gives_the_same_logits(
     assert torch.equal(x, x0)
 
 
-def test_weight_cache_and_straight_through_gradients(fashion_mnist_model, fashion_mnist):
+def test_convert_freezes_each_weight_to_its_quantized_value(fashion_mnist_model, fashion_mnist):
+    qmodel = quantized(fashion_mnist_model, fashion_mnist, 4, 8)
+    x, _ = next(iter(eval_subset(fashion_mnist)))
+    with torch.inference_mode():
+        before = qmodel(x)
+    convert(qmodel)
+    layer = qmodel.get_submodule("features.2.conv.1.0")
+    codes = layer.weight_quant.integers(layer.weight)
+    scale = layer.weight_quant.scale.reshape(-1, 1, 1, 1)
+    assert torch.equal(layer.weight.detach(), codes.float() * scale)  # codes x scale, exactly
+    with torch.no_grad():  # quantizing a converted weight gives it back unchanged
+        assert torch.equal(layer.quantized_weight(), layer.weight)
+    with torch.inference_mode():
+        assert torch.equal(qmodel(x), before)  # the same model, frozen
+
+
+def test_straight_through_gradients_reach_the_fp32_weights(fashion_mnist_model, fashion_mnist):
     qmodel = quantized(fashion_mnist_model, fashion_mnist, 4, 8)
     layer = qmodel.get_submodule("features.2.conv.1.0")
-    with torch.no_grad():
-        first = layer.quantized_weight()
-        assert layer.quantized_weight() is first  # computed once, then reused
-        layer.weight.mul_(2)  # an optimizer step or load_state_dict bumps the version
-        assert not torch.equal(layer.quantized_weight(), first)
-        layer.weight.div_(2)
-    # training mode: no cache, straight-through gradients reach the FP32 weights (QAT)
     qmodel.train()
     x, y = next(iter(calib_loader(fashion_mnist, 32)))
     nn.functional.cross_entropy(qmodel(x), y).backward()
