@@ -1,67 +1,112 @@
 """One quantization run: what `python sweep.py --checkpoint ... --weight_bits 4
 --activation_bits 8` does, and what `wandb agent` launches for every run of a sweep.
 
-Load the checkpoint (dataset, width and classes come from its metadata), quantize with the
-run's parameters, calibrate on training images, evaluate on the test set, export the
-bit-packed file, count BitOps, and log it all: W&B summary keys as in DESIGN.md, the
-per-layer BitOps table, the compressed file as an artifact, and one row of runs.csv.
+The flow, each step a named function a reader can find:
+
+    config  = RunConfig.from_dict(flags, or flags overridden by wandb.config)
+    loaded  = load_model(checkpoint)                       FP32 model + its metadata
+    data    = load_run_data(...)                           calibration/QAT and test images
+    qmodel  = quantize_model(...)                          prepare: swap layers
+    calibrate(...); bias_correct(...) if asked             PTQ
+    train_qat(...) if method == "qat"                      QAT (LSQ)
+    convert(qmodel)                                        freeze
+    quant_acc = evaluate(qmodel, test)                     measure
+    export_and_check(...); measure(...)                    file, sizes, BitOps
+    log_run(...); results.append_run(...)                  W&B summary/artifact, runs.csv
 
 Inside a sweep the parameters come from `wandb.config` (the agent's config file named by
 WANDB_SWEEP_PARAM_PATH), so a sweep whose `command` passes no arguments works the same as
 one that passes `${args}` or `${args_no_equals}`.
+
+A run stopped by SIGTERM or Ctrl-C (an agent stopping it, a scheduler) ends like a run that
+failed cleanly: its W&B run finishes with a non-zero exit code and a summary saying
+`status: killed` and how far it got, runs.csv gets a `killed` row (the offline agent retries
+it), and the process exits with 128 + the signal number. Files are written atomically, so
+nothing half-written is left.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 
+import torch
 from filelock import FileLock
 
 from . import bitops, results
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from .config import (
+    CALIBRATION_METHODS,
+    METHODS,
+    WEIGHT_GRANULARITIES,
+    WEIGHT_METHODS,
+    RunConfig,
+)
 from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
 from .export import compression_metrics, export_quantized, load_quantized
-from .quantization import (
-    CALIBRATION_METHODS,
-    WEIGHT_GRANULARITIES,
-    WEIGHT_METHODS,
-    calibrate,
-    check_bits,
-    quantize_model,
-)
+from .precision import mean_bits
+from .qat import train_qat
+from .quantization import bias_correct, calibrate, convert, precision_plan, quantize_model
+from .signals import StopFlag, Stopped
 from .tracking import WANDB_MODES, init_run, resolve_mode
 from .train import resolve_device
 
+KILLED = "killed"
+
+
 def get_args_parser():
+    d = RunConfig()
     p = ArgumentParser(
         prog="sweep.py",
-        description="Quantize a trained MobileNetV2 checkpoint, measure it, log it to W&B. "
+        description="Quantize a trained MobileNetV2 checkpoint (post-training, or with "
+                    "quantization-aware training), measure it, log it to W&B. "
                     "Also: `sweep.py --sweep YAML` (offline local sweep) and "
                     "`sweep.py --report DIR` (tables and plots).",
     )
-    p.add_argument("--checkpoint", default="checkpoints/best.pt",
+    p.add_argument("--checkpoint", default=d.checkpoint,
                    help="FP32 checkpoint written by train.py (default: %(default)s)")
-    p.add_argument("--weight_bits", type=int, default=8,
+    p.add_argument("--weight_bits", type=int, default=d.weight_bits,
                    help="weight bits, 2..8 (16/32: FP32) (default: %(default)s)")
-    p.add_argument("--activation_bits", type=int, default=8,
+    p.add_argument("--activation_bits", type=int, default=d.activation_bits,
                    help="activation bits, 2..8 (16/32: FP32) (default: %(default)s)")
-    p.add_argument("--calibration", default="minmax", choices=CALIBRATION_METHODS,
+    p.add_argument("--method", default=d.method, choices=METHODS,
+                   help="ptq: post-training quantization; qat: then fine-tune weights and "
+                        "learned step sizes (LSQ) (default: %(default)s)")
+    p.add_argument("--calibration", default=d.calibration, choices=CALIBRATION_METHODS,
                    help="activation range calibration (default: %(default)s)")
-    p.add_argument("--calib_batches", type=int, default=8,
+    p.add_argument("--calib_batches", type=int, default=d.calib_batches,
                    help="calibration batches of training images (default: %(default)s)")
-    p.add_argument("--calib_batch_size", type=int, default=128,
+    p.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size,
                    help="images per calibration batch (default: %(default)s)")
-    p.add_argument("--weight_method", default="minmax", choices=WEIGHT_METHODS,
+    p.add_argument("--weight_method", default=d.weight_method, choices=WEIGHT_METHODS,
                    help="per-channel weight scale: absmax, or the clip with the least "
                         "squared error (default: %(default)s)")
-    p.add_argument("--weight_granularity", default="per_channel",
+    p.add_argument("--weight_granularity", default=d.weight_granularity,
                    choices=WEIGHT_GRANULARITIES,
                    help="weight scales per output channel, or one per tensor as in the "
                         "earlier projects (default: %(default)s)")
+    p.add_argument("--bias_correction", default=str(d.bias_correction).lower(),
+                   metavar="{true,false}",
+                   help="empirical bias correction after calibration, on the calibration "
+                        "images (default: %(default)s)")
+    p.add_argument("--qat_epochs", type=float, default=d.qat_epochs,
+                   help="QAT: epochs over the training images, fractions allowed "
+                        "(default: %(default)s)")
+    p.add_argument("--qat_lr", type=float, default=d.qat_lr,
+                   help="QAT: initial learning rate, cosine to 0 (default: %(default)s)")
+    p.add_argument("--qat_batch_size", type=int, default=d.qat_batch_size,
+                   help="QAT: training batch size (default: %(default)s)")
+    p.add_argument("--qat_freeze_bn", type=float, default=d.qat_freeze_bn,
+                   help="QAT: fraction of the steps after which BatchNorm statistics are "
+                        "frozen (default: %(default)s)")
+    p.add_argument("--distill", default=str(d.distill).lower(), metavar="{true,false}",
+                   help="QAT: learn from the FP32 model's outputs (KL) instead of the labels "
+                        "(default: %(default)s)")
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="evaluate on only the first N test images (default: all)")
     p.add_argument("--data_dir", default=None,
@@ -69,40 +114,16 @@ def get_args_parser():
     p.add_argument("--results_dir", default=None,
                    help="runs.csv and exported models go to RESULTS_DIR/<sweep id or runs>/ "
                         "(default: $MOBILENET_COMPRESSION_RESULTS_DIR, else results)")
-    p.add_argument("--seed", type=int, default=42,
-                   help="seed of the calibration sampling (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the calibration sampling and of QAT (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: $OMP_NUM_THREADS, else torch's)")
     p.add_argument("--wandb_mode", default=None, choices=WANDB_MODES,
                    help="W&B mode (default: $WANDB_MODE, else online; offline by itself "
                         "without credentials)")
     return p
-
-
-def check_args(args):
-    args.weight_bits = check_bits(args.weight_bits, "--weight_bits")
-    args.activation_bits = check_bits(args.activation_bits, "--activation_bits")
-    for name in ("calib_batches", "calib_batch_size", "max_eval_samples"):
-        value = getattr(args, name)
-        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-            raise UserError(f"--{name} must be a positive integer, got {value}.")
-    for name, choices in (("calibration", CALIBRATION_METHODS),
-                          ("weight_method", WEIGHT_METHODS),
-                          ("weight_granularity", WEIGHT_GRANULARITIES)):
-        if getattr(args, name) not in choices:
-            raise UserError(f"--{name} must be one of {', '.join(choices)}, got "
-                            f"{getattr(args, name)!r}.")
-
-
-def apply_sweep_config(args, config, parser):
-    """Take the run's parameters from wandb.config (the agent's values win over flags);
-    a parameter sweep.py does not know is one clear error."""
-    known = {a.dest for a in parser._actions}
-    for key, value in dict(config).items():
-        if key not in known:
-            raise UserError(f"the sweep sets parameter {key!r}, which sweep.py does not know; "
-                            f"remove it from the sweep yaml (see sweep.py --help).")
-        setattr(args, key, value)
 
 
 def file_digest(path):
@@ -118,156 +139,246 @@ def baseline_accuracy(model, loader, cache_dir, key):
     cached beside runs.csv: every run of a sweep compares against the same measured number
     instead of re-evaluating the FP32 model 25 times."""
     path = os.path.join(cache_dir, "baseline_acc.json")
-    os.makedirs(cache_dir, exist_ok=True)
-    with FileLock(os.path.join(cache_dir, ".baseline_acc.json.lock"), timeout=600):
-        cache = json.load(open(path)) if os.path.exists(path) else {}
-        if key not in cache:
-            cache[key] = evaluate(model, loader)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(cache, f, indent=1)
-            os.replace(tmp, path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with FileLock(os.path.join(cache_dir, ".baseline_acc.json.lock"), timeout=600):
+            cache = json.load(open(path)) if os.path.exists(path) else {}
+            if key not in cache:
+                cache[key] = evaluate(model, loader)
+                atomic_write(path, lambda f: f.write(json.dumps(cache, indent=1).encode()))
+    except OSError as e:
+        raise UserError(f"cannot write to the results directory {cache_dir} ({e.strerror}); "
+                        f"pass --results_dir a directory you can write to.") from None
     return cache[key]
 
 
 def main(argv=None):
-    """Command-line entry: exit status 0, or 2 for bad input (one line on stderr)."""
+    """Command-line entry: exit status 0, 2 for bad input (one line on stderr), 128 + the
+    signal number for a run stopped by SIGTERM/SIGINT."""
     run_quantization(argv)
     return 0
+
+
+class Progress:
+    """What a run has done so far, for the record a stopped run leaves."""
+
+    def __init__(self):
+        self.stage = None
+        self.done = {}
+        self.t0 = self._t = time.perf_counter()
+        self.times = {}
+
+    def start(self, stage):
+        """Begin `stage`; the one before it is timed as time/<stage>_s."""
+        now = time.perf_counter()
+        if self.stage is not None:
+            self.times[f"time/{self.stage}_s"] = now - self._t
+        self.stage, self._t = stage, now
 
 
 @cli
 def run_quantization(argv=None):
     """Parse `argv`, run, and return the metrics dict (also what tests call)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    flags = vars(parser.parse_args(argv))
     in_sweep = bool(os.environ.get("WANDB_SWEEP_PARAM_PATH"))
-    loaded = None
+    config = loaded = None
     if not in_sweep:  # outside a sweep, bad flags fail before anything is written
-        check_args(args)
-        loaded = load_model(args.checkpoint)
-    mode = resolve_mode(args.wandb_mode)
+        config = RunConfig.from_dict(flags)
+        loaded = load_model(config.checkpoint)
+    mode = resolve_mode(flags["wandb_mode"])
     run = None
-    if mode != "disabled":
-        run = init_run(mode, "quantize", vars(args))
-    try:
+    progress = Progress()
+    with StopFlag(defer=False):
+        try:
+            progress.start("wandb_init")
+            if mode != "disabled":
+                run = init_run(mode, "quantize", flags)
+            if run is not None:
+                config = RunConfig.from_dict({**flags, **dict(run.config)})
+                run.config.update(dataclasses.asdict(config), allow_val_change=True)
+            loaded = loaded or load_model(config.checkpoint)
+            metrics = quantize_and_measure(config, run, loaded, progress)
+        except Stopped as stop:
+            record_stopped(config, run, progress, stop.signum)
+            sys.exit(128 + stop.signum)
+        except BaseException as e:
+            if run is not None:
+                run.finish(exit_code=2 if isinstance(e, UserError) else 1)
+            raise
         if run is not None:
-            apply_sweep_config(args, run.config, parser)
-        check_args(args)
-        metrics = quantize_and_measure(args, run, loaded or load_model(args.checkpoint))
-    except BaseException as e:
-        if run is not None:
-            run.finish(exit_code=2 if isinstance(e, UserError) else 1)
-        raise
-    if run is not None:
-        run.finish()
+            run.finish()
     return metrics
 
 
+def record_stopped(config, run, progress, signum):
+    """A stopped run's record: W&B summary (status killed, the stage it reached, what it had
+    measured) and exit code, and a `killed` row in runs.csv."""
+    import signal
+
+    done = {"status": KILLED, "stopped_by": signal.Signals(signum).name,
+            "stopped_in": progress.stage, **progress.done}
+    print(f"stopped by {done['stopped_by']} in stage {progress.stage}; recorded as killed",
+          file=sys.stderr)
+    if config is not None:
+        results.append_run(config.results_dir or results.default_results_dir(),
+                           os.environ.get("WANDB_SWEEP_ID") or None, {
+                               "run_id": run.id if run is not None else uuid.uuid4().hex[:8],
+                               **config.run_parameters(), **done,
+                               "checkpoint": config.checkpoint})
+    if run is not None:
+        run.summary.update(done)
+        run.finish(exit_code=128 + signum)
+
+
 def load_model(path):
-    """(checkpoint dict, FP32 model): every way the checkpoint can be wrong is a UserError."""
+    """(checkpoint dict, FP32 model in eval mode and channels_last): every way the
+    checkpoint can be wrong is a UserError. The memory format is fixed here, once: the
+    convolutions round differently in the two formats, so a model converted later (by the
+    first evaluation) would calibrate differently depending on what ran before."""
     ckpt = load_checkpoint(path)
-    return ckpt, model_from_checkpoint(ckpt, path)
+    model = model_from_checkpoint(ckpt, path).to(memory_format=torch.channels_last)
+    return ckpt, model
 
 
-def quantize_and_measure(args, run, loaded):
-    t_start = time.perf_counter()
-    ckpt, fp32 = loaded
-    device = resolve_device(args.device)
-    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "./data"
+def load_run_data(config, ckpt, device):
+    """(info, train split for calibration and QAT, test split), on `device`. The train split
+    is train.py's own: the validation images stay held out."""
+    data_dir = config.data_dir or ckpt.get("args", {}).get("data_dir") or "./data"
     info, train, _, test = load_dataset(ckpt["dataset"], data_dir,
                                         ckpt.get("args", {}).get("val_size"))
-    test = test.head(args.max_eval_samples).to(device)
-    calib = train.head(args.calib_batches * args.calib_batch_size).to(device)
+    return info, train.to(device), test.head(config.max_eval_samples).to(device)
+
+
+def quantize_and_measure(config, run, loaded, progress):
+    """prepare -> calibrate [-> bias_correct] [-> train] -> convert -> measure -> log."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ckpt, fp32 = loaded
+    device = resolve_device(config.device)
+    progress.start("load")
+    info, train, test = load_run_data(config, ckpt, device)
     test_loader = eval_loader(test, info, EVAL_BATCH_SIZE)
     fp32.to(device)
-
     sweep_id = os.environ.get("WANDB_SWEEP_ID") or None
-    results_dir = args.results_dir or results.default_results_dir()
+    results_dir = config.results_dir or results.default_results_dir()
     out_dir = str(results.sweep_dir(results_dir, sweep_id))
     run_id = run.id if run is not None and run.id else uuid.uuid4().hex[:8]
-    key = f"{file_digest(args.checkpoint)[:16]}:{len(test)}:{device.type}"
-    try:
-        baseline_acc = baseline_accuracy(fp32, test_loader, out_dir, key)
-    except OSError as e:
-        raise UserError(f"cannot write to the results directory {out_dir} ({e.strerror}); "
-                        f"pass --results_dir a directory you can write to.") from None
+    key = f"{file_digest(config.checkpoint)[:16]}:{len(test)}:{device.type}"
+    progress.start("baseline")
+    baseline_acc = baseline_accuracy(fp32, test_loader, out_dir, key)
+    progress.done["baseline_acc"] = baseline_acc
 
-    # Quantize: weights once here, activations calibrated on training images only.
-    qmodel = quantize_model(fp32, (args.weight_bits, args.activation_bits),
-                            weight_granularity=args.weight_granularity,
-                            weight_method=args.weight_method)
-    calib_loader = BatchLoader(calib, info, args.calib_batch_size, channels_last=True)
-    calibrate(qmodel, calib_loader, method=args.calibration, num_batches=args.calib_batches,
-              seed=args.seed)
+    progress.start("calibrate")
+    qmodel = quantize_model(fp32, (config.weight_bits, config.activation_bits),
+                            weight_granularity=config.weight_granularity,
+                            weight_method=config.weight_method)
+    calib = train.head(config.calib_batches * config.calib_batch_size)
+    calib_loader = BatchLoader(calib, info, config.calib_batch_size, channels_last=True)
+    calibrate(qmodel, calib_loader, method=config.calibration,
+              num_batches=config.calib_batches, seed=config.seed)
+    if config.bias_correction:
+        bias_correct(qmodel, fp32, calib_loader, num_batches=config.calib_batches)
+    qat = {}
+    if config.method == "qat":
+        progress.start("qat")
+        qat = train_qat(qmodel, train, info, config,
+                        weight_decay=ckpt.get("args", {}).get("weight_decay", 4e-5),
+                        teacher=fp32 if config.distill else None,
+                        log=(lambda row, step: run.log(row, step=step)) if run else None)
+        progress.done.update(qat)
+    convert(qmodel)
+
+    progress.start("eval")
     t_eval = time.perf_counter()
     quant_acc = evaluate(qmodel, test_loader)
     eval_s = time.perf_counter() - t_eval
+    progress.done["quant_acc"] = quant_acc
 
-    # Export the real file, and check that loading it back gives the same logits.
-    model_path = os.path.join(out_dir, "models",
-                              f"{run_id}-w{args.weight_bits}a{args.activation_bits}.mbq")
-    os.makedirs(os.path.dirname(model_path), exist_ok=True)
-    export_quantized(qmodel, model_path, {k: ckpt[k] for k in (
-        "arch", "dataset", "num_classes", "in_channels", "input_size", "width_multiplier")})
-    probe = BatchLoader(test.head(256), info, 256, channels_last=True)
-    reloaded = load_quantized(model_path).to(device)
-    roundtrip_diff = float((predict(qmodel, probe)[0] - predict(reloaded, probe)[0]).abs().max())
-
-    rows, totals = bitops.bitops_report(fp32, info.input_size,
-                                        bitops.uniform_plan(fp32, args.weight_bits,
-                                                            args.activation_bits))
+    progress.start("export")
+    model_path = os.path.join(out_dir, "models", f"{run_id}-w{config.weight_bits}"
+                              f"a{config.activation_bits}-{config.method}.mbq")
+    roundtrip = export_and_check(qmodel, ckpt, model_path, test, info, device)
+    rows, totals = bitops.bitops_report(fp32, info.input_size, precision_plan(qmodel))
     size = compression_metrics(qmodel, ckpt["model"], model_path, info.input_size,
                                info.in_channels)
+    progress.start("log")
     metrics = {
-        "weight_bits": args.weight_bits,
-        "activation_bits": args.activation_bits,
+        **config.run_parameters(),
+        **plan_bits(rows),
         "baseline_acc": baseline_acc,
         "quant_acc": quant_acc,
         "acc_drop": baseline_acc - quant_acc,
         **size,
         **totals,
-        "calibration": args.calibration,
-        "weight_method": args.weight_method,
-        "weight_granularity": args.weight_granularity,
+        **qat,
         "eval_images": len(test),
         "eval_seconds": eval_s,
         "eval_images_per_s": len(test) / eval_s,
-        "roundtrip_max_abs_diff": roundtrip_diff,
-        "run_seconds": time.perf_counter() - t_start,
+        "roundtrip_max_abs_diff": roundtrip,
+        **progress.times,
+        "run_seconds": time.perf_counter() - progress.t0,
     }
-    print(f"W{args.weight_bits}A{args.activation_bits} ({args.calibration}, "
-          f"{args.weight_granularity}): quant_acc {quant_acc:.2f} (FP32 {baseline_acc:.2f}, "
-          f"drop {metrics['acc_drop']:.2f}), {size['compressed_mb']:.3f} MB "
-          f"(x{size['compression_ratio']:.2f}), {totals['bitops'] / 1e9:.3f} GBitOps "
-          f"-> {model_path}")
-
+    metrics["time/total_s"] = metrics["run_seconds"]
+    print(f"W{config.weight_bits}A{config.activation_bits} {config.method} "
+          f"({config.calibration}, {config.weight_granularity}"
+          f"{', bias correction' if config.bias_correction else ''}): quant_acc "
+          f"{quant_acc:.2f} (FP32 {baseline_acc:.2f}, drop {metrics['acc_drop']:.2f}), "
+          f"{size['compressed_mb']:.3f} MB (x{size['compression_ratio']:.2f}), "
+          f"{totals['bitops'] / 1e9:.3f} GBitOps -> {model_path}")
     if run is not None:
-        import wandb
-
-        run.summary.update(metrics)
-        columns = ["name", "type", "in_channels", "out_channels", "kernel", "stride",
-                   "input_hw", "output_hw", "macs", "weight_bits", "activation_bits", "bitops",
-                   "weight_bitops"]
-        table = wandb.Table(columns=columns, data=[
-            ["x".join(map(str, r[c])) if isinstance(r[c], tuple) else r[c] for c in columns]
-            for r in rows])
-        run.log({"bitops_per_layer": table})
-        artifact = wandb.Artifact(
-            f"mobilenetv2-{ckpt['dataset']}-w{ckpt['width_multiplier']:g}-"
-            f"w{args.weight_bits}a{args.activation_bits}",
-            type="quantized-model", metadata=metrics)
-        artifact.add_file(model_path)
-        run.log_artifact(artifact)
-        if run.settings.mode == "online":
-            try:  # lineage: the baseline model artifact logged by train.py, if it is there
-                run.use_artifact(f"mobilenetv2-{ckpt['dataset']}-"
-                                 f"w{ckpt['width_multiplier']:g}:latest")
-            except Exception as e:  # a checkpoint trained with W&B disabled has none
-                print(f"W&B: no baseline model artifact to link ({type(e).__name__}).")
-
+        log_run(run, metrics, rows, model_path, ckpt, config)
     results.append_run(results_dir, sweep_id, {
-        "run_id": run_id, **metrics, "checkpoint": args.checkpoint,
+        "run_id": run_id, **metrics, "checkpoint": config.checkpoint,
         "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"],
     })
     return metrics
+
+
+def plan_bits(rows):
+    """weight_bits / activation_bits of the run, from the quantized model's own plan: the
+    bits themselves when every quantized layer has the same, else the MAC-weighted means."""
+    plan = {r["name"]: (r["weight_bits"], r["activation_bits"]) for r in rows
+            if (r["weight_bits"], r["activation_bits"]) != (32, 32)}
+    if len(set(plan.values())) == 1:
+        wb, ab = next(iter(plan.values()))
+    else:
+        wb, ab = mean_bits(plan, {r["name"]: r["macs"] for r in rows})
+    return {"weight_bits": wb, "activation_bits": ab}
+
+
+def export_and_check(qmodel, ckpt, model_path, test, info, device):
+    """Write the real file, load it back and return the largest logit difference on 256
+    test images (0.0 when the file holds exactly the model)."""
+    os.makedirs(os.path.dirname(model_path), exist_ok=True)
+    export_quantized(qmodel, model_path, {k: ckpt[k] for k in (
+        "arch", "dataset", "num_classes", "in_channels", "input_size", "width_multiplier")})
+    probe = BatchLoader(test.head(256), info, 256, channels_last=True)
+    reloaded = load_quantized(model_path).to(device)
+    return float((predict(qmodel, probe)[0] - predict(reloaded, probe)[0]).abs().max())
+
+
+def log_run(run, metrics, rows, model_path, ckpt, config):
+    """W&B: summary metrics, the per-layer BitOps table, the exported file as an artifact."""
+    import wandb
+
+    run.summary.update({**metrics, "status": results.FINISHED})
+    columns = ["name", "type", "in_channels", "out_channels", "kernel", "stride",
+               "input_hw", "output_hw", "macs", "weight_bits", "activation_bits", "bitops",
+               "weight_bitops"]
+    table = wandb.Table(columns=columns, data=[
+        ["x".join(map(str, r[c])) if isinstance(r[c], tuple) else r[c] for c in columns]
+        for r in rows])
+    run.log({"bitops_per_layer": table})
+    artifact = wandb.Artifact(
+        f"mobilenetv2-{ckpt['dataset']}-w{ckpt['width_multiplier']:g}-"
+        f"w{config.weight_bits}a{config.activation_bits}-{config.method}",
+        type="quantized-model", metadata=metrics)
+    artifact.add_file(model_path)
+    run.log_artifact(artifact)
+    if run.settings.mode == "online":
+        try:  # lineage: the baseline model artifact logged by train.py, if it is there
+            run.use_artifact(f"mobilenetv2-{ckpt['dataset']}-"
+                             f"w{ckpt['width_multiplier']:g}:latest")
+        except Exception as e:  # a checkpoint trained with W&B disabled has none
+            print(f"W&B: no baseline model artifact to link ({type(e).__name__}).")

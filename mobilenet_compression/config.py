@@ -1,0 +1,129 @@
+"""One frozen configuration per quantization run, built once from the command line or from
+`wandb.config` (a run launched by a sweep agent) and validated once: the library code after
+it trusts every field. The field names are the run parameters of shared/DESIGN.md, spelled
+the same in flags, sweep yamls, W&B config, runs.csv and the docs.
+"""
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+from .errors import UserError
+from .precision import check_bits, is_fp32
+
+METHODS = ("ptq", "qat")
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+WEIGHT_METHODS = ("minmax", "mse")
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(value, flag):
+    """True/False from a bool or one of true/false/1/0/yes/no/on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise UserError(f"{flag} must be true or false, got {value!r}.")
+
+
+def _positive_int(value, flag, allow_none=False):
+    if value is None and allow_none:
+        return None
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and float(value).is_integer() and value >= 1)
+    if not ok:
+        raise UserError(f"{flag} must be a positive integer, got {value}.")
+    return int(value)
+
+
+def _positive_float(value, flag):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} must be a positive number, got {value!r}.") from None
+    if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
+        raise UserError(f"{flag} must be a positive number, got {value!r}.")
+    return number
+
+
+def _choice(value, choices, flag):
+    if value not in choices:
+        raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    checkpoint: str = "checkpoints/best.pt"
+    weight_bits: int = 8
+    activation_bits: int = 8
+    method: str = "ptq"
+    calibration: str = "minmax"
+    calib_batches: int = 8
+    calib_batch_size: int = 128
+    weight_method: str = "minmax"
+    weight_granularity: str = "per_channel"
+    bias_correction: bool = False
+    qat_epochs: float = 1.0
+    qat_lr: float = 0.01
+    qat_batch_size: int = 128
+    qat_freeze_bn: float = 0.5
+    distill: bool = False
+    max_eval_samples: int | None = None
+    data_dir: str | None = None
+    results_dir: str | None = None
+    seed: int = 42
+    device: str | None = None
+    threads: int | None = None
+    wandb_mode: str | None = None
+
+    @classmethod
+    def from_dict(cls, values):
+        """Validate `values` (flags, or flags overridden by wandb.config) into a RunConfig.
+        Every problem is one UserError sentence naming the flag."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"unknown run parameter {unknown[0]!r}; see sweep.py --help.")
+        v = {**{f.name: f.default for f in dataclasses.fields(cls)}, **values}
+        v["weight_bits"] = check_bits(v["weight_bits"], "--weight_bits")
+        v["activation_bits"] = check_bits(v["activation_bits"], "--activation_bits")
+        v["method"] = _choice(v["method"], METHODS, "--method")
+        v["calibration"] = _choice(v["calibration"], CALIBRATION_METHODS, "--calibration")
+        v["weight_method"] = _choice(v["weight_method"], WEIGHT_METHODS, "--weight_method")
+        v["weight_granularity"] = _choice(v["weight_granularity"], WEIGHT_GRANULARITIES,
+                                          "--weight_granularity")
+        for name in ("calib_batches", "calib_batch_size", "qat_batch_size", "seed"):
+            if name == "seed":
+                if isinstance(v[name], bool) or not isinstance(v[name], numbers.Integral):
+                    raise UserError(f"--seed must be an integer, got {v[name]!r}.")
+                continue
+            v[name] = _positive_int(v[name], f"--{name}")
+        for name in ("max_eval_samples", "threads"):
+            v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
+        v["bias_correction"] = parse_bool(v["bias_correction"], "--bias_correction")
+        v["distill"] = parse_bool(v["distill"], "--distill")
+        v["qat_epochs"] = _positive_float(v["qat_epochs"], "--qat_epochs")
+        v["qat_lr"] = _positive_float(v["qat_lr"], "--qat_lr")
+        freeze = v["qat_freeze_bn"]
+        if isinstance(freeze, bool) or not isinstance(freeze, numbers.Real) or not 0 <= freeze <= 1:
+            raise UserError(f"--qat_freeze_bn must be a fraction in [0, 1], got {freeze!r}.")
+        if v["method"] == "qat" and is_fp32(v["weight_bits"]) and is_fp32(v["activation_bits"]):
+            raise UserError("--method qat has nothing to train when both --weight_bits and "
+                            "--activation_bits are FP32; give one of them 2..8 bits.")
+        return cls(**v)
+
+    def run_parameters(self):
+        """The parameters logged with a run (W&B config and runs.csv columns)."""
+        keys = ["weight_bits", "activation_bits", "method", "calibration", "calib_batches",
+                "weight_method", "weight_granularity", "bias_correction", "seed"]
+        if self.method == "qat":
+            keys += ["qat_epochs", "qat_lr", "qat_batch_size", "qat_freeze_bn", "distill"]
+        return {k: getattr(self, k) for k in keys}

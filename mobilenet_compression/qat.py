@@ -1,0 +1,127 @@
+"""Quantization-aware training: fine-tune a prepared, calibrated model with learned step sizes.
+
+LSQ (Esser et al. 2020, "Learned Step Size Quantization"): every weight and activation scale
+is a trainable parameter, initialised from calibration, and trained with the weights through
+straight-through rounding, with LSQ's gradient scale (quantization._LearnableScale). The
+forward uses torch's learnable fake-quantize ops.
+
+What QAT users expect, and what this does:
+- training images only: the train split that train.py trained on, with the validation split
+  held out exactly as train.py holds it (data.load_dataset); the same augmentation;
+- BatchNorm statistics update during a warm-up (the first `qat_freeze_bn` fraction of the
+  steps) and are frozen after it, so the last steps train against the statistics inference
+  will use;
+- SGD with momentum, cosine learning rate from `qat_lr` to 0, weight decay on the weights
+  (the checkpoint's own) and none on the scales;
+- optional distillation from the FP32 model (`distill`): the loss is the KL divergence from
+  the FP32 model's softened outputs instead of the label cross-entropy;
+- deterministic with a seed on one machine (the loader's order and crops come from it).
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import BatchLoader
+from .quantization import quant_layers
+
+LOG_EVERY = 20  # steps between training-curve points in W&B
+
+
+def _quantizers(qmodel):
+    for _, layer in quant_layers(qmodel):
+        for q in (layer.weight_quant, layer.input_quant):
+            if q.enabled:
+                yield q
+
+
+def _set_bn_training(model, training):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(training)
+
+
+def train_qat(qmodel, train_split, info, config, weight_decay=4e-5, teacher=None, log=None):
+    """Fine-tune `qmodel` in place for `config.qat_epochs` epochs (fractions allowed) of
+    `train_split`. `teacher`: the FP32 model, used when config.distill. `log(dict, step)`
+    receives the training curve. A stop signal (signals.StopFlag) interrupts it like any
+    other stage. Returns {"qat_seconds", "qat_steps", "qat_images"}.
+    """
+    if train_split.name != "train":
+        raise ValueError(f"QAT must train on the train split, got {train_split.name!r}")
+    loader = BatchLoader(train_split, info, config.qat_batch_size, augment=True,
+                         seed=config.seed, drop_last=len(train_split) > config.qat_batch_size,
+                         channels_last=True)
+    steps = max(1, math.ceil(config.qat_epochs * len(loader)))
+    freeze_at = int(config.qat_freeze_bn * steps)
+
+    quantizers = list(_quantizers(qmodel))
+    for q in quantizers:
+        q.learn_scale(True)
+    scales = [q.scale for q in quantizers]
+    weights = [p for n, p in qmodel.named_parameters() if not n.endswith(".scale")]
+    optimizer = torch.optim.SGD([
+        {"params": weights, "weight_decay": weight_decay},
+        {"params": scales, "weight_decay": 0.0},
+    ], lr=config.qat_lr, momentum=0.9, nesterov=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    if teacher is not None:
+        teacher.eval()
+
+    print(f"QAT: {steps} steps of {config.qat_batch_size} training images "
+          f"({config.qat_epochs:g} epochs), lr {config.qat_lr:g}, BatchNorm statistics frozen "
+          f"after step {freeze_at}", flush=True)
+    torch.manual_seed(config.seed)
+    qmodel.train()
+    t0 = time.perf_counter()
+    step, epoch, images = 0, 0, 0
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(total=steps, desc="QAT", leave=False, disable=None, dynamic_ncols=True)
+    try:
+        while step < steps:
+            loader.set_epoch(epoch)
+            for x, y in loader:
+                if step == freeze_at:
+                    _set_bn_training(qmodel, False)
+                logits = qmodel(x)
+                if teacher is not None and config.distill:
+                    with torch.no_grad():
+                        target = F.softmax(teacher(x), dim=1)
+                    loss = F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
+                else:
+                    loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                for q in quantizers:
+                    q.clamp_scale()
+                step += 1
+                images += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(
+                        f"the QAT loss became NaN at step {step}; lower --qat_lr")
+                bar.update(1)
+                if step % LOG_EVERY == 0 or step == steps:
+                    row = {"qat/loss": loss_sum / seen, "qat/train_acc": 100.0 * correct / seen,
+                           "qat/lr": optimizer.param_groups[0]["lr"],
+                           "qat/epoch": step / len(loader)}
+                    bar.set_postfix(loss=f"{row['qat/loss']:.3f}")
+                    if log is not None:
+                        log(row, step)
+                    loss_sum, correct, seen = 0.0, 0, 0
+                if step == steps:
+                    break
+            epoch += 1
+    finally:
+        bar.close()
+    qmodel.eval()
+    return {"qat_seconds": time.perf_counter() - t0, "qat_steps": steps, "qat_images": images}

@@ -1,0 +1,243 @@
+"""Quantization-aware training and bias correction, on the small MobileNetV2 trained on the
+real Fashion-MNIST (conftest.py), and QAT runs of sweep.py as real subprocesses with real
+wandb in offline mode (the one stand-in: offline mode for the W&B server)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from mobilenet_compression import bitops
+from mobilenet_compression.checkpoint import FORMAT, atomic_save
+from mobilenet_compression.config import RunConfig
+from mobilenet_compression.data import BatchLoader
+from mobilenet_compression.evaluation import eval_loader, evaluate
+from mobilenet_compression.export import load_quantized
+from mobilenet_compression.model import build_model
+from mobilenet_compression.qat import train_qat
+from mobilenet_compression.quantization import (
+    _layer_outputs,
+    bias_correct,
+    calibrate,
+    convert,
+    precision_plan,
+    quant_layers,
+    quantize_model,
+)
+from tests.conftest import SMALL_MODEL_RECIPE, torch_threads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WANDB_CLI = os.path.join(os.path.dirname(sys.executable), "wandb")
+QAT_IMAGES = 6400  # 50 steps of 128: enough to show QAT's gain on the test model
+QUICK = ["--max_eval_samples", "300", "--calib_batches", "2", "--threads", "1"]
+
+
+def ptq(model, fashion_mnist, weight_bits, activation_bits):
+    info, train, _, _ = fashion_mnist
+    qmodel = quantize_model(model, (weight_bits, activation_bits))
+    return calibrate(qmodel, BatchLoader(train, info, 256), "minmax", 2)
+
+
+def qat_config(**kw):
+    return RunConfig.from_dict({"method": "qat", "qat_lr": 0.01, "qat_batch_size": 128, **kw})
+
+
+# ---------------------------------------------------------------------------- in process
+
+def test_qat_at_w2a4_beats_ptq_by_a_wide_margin(fashion_mnist_model, fashion_mnist):
+    info, train, _, test = fashion_mnist
+    loader = eval_loader(test.head(2000), info)
+    fp32_acc = evaluate(fashion_mnist_model, loader)
+    ptq_acc = evaluate(convert(ptq(fashion_mnist_model, fashion_mnist, 2, 4)), loader)
+    qmodel = ptq(fashion_mnist_model, fashion_mnist, 2, 4)
+    with torch_threads(1):
+        cost = train_qat(qmodel, train.head(QAT_IMAGES), info,
+                         qat_config(weight_bits=2, activation_bits=4, qat_epochs=1.0))
+    qat_acc = evaluate(convert(qmodel), loader)
+    assert cost["qat_images"] == QAT_IMAGES
+    assert fp32_acc > 70, fp32_acc  # the precondition: a model clear of chance
+    assert qat_acc > ptq_acc + 15, (ptq_acc, qat_acc, fp32_acc)
+
+
+def test_learned_scales_receive_gradients_and_change(fashion_mnist_model, fashion_mnist):
+    info, train, _, _ = fashion_mnist
+    qmodel = ptq(fashion_mnist_model, fashion_mnist, 3, 4)
+    before = {n: (l.weight_quant.scale.clone(), l.input_quant.scale.clone())
+              for n, l in quant_layers(qmodel)}
+    for _, layer in quant_layers(qmodel):
+        layer.weight_quant.learn_scale(True)
+        layer.input_quant.learn_scale(True)
+    qmodel.train()
+    x, y = next(iter(BatchLoader(train, info, 64)))
+    nn.functional.cross_entropy(qmodel(x), y).backward()
+    for name, layer in quant_layers(qmodel):
+        for q in (layer.weight_quant, layer.input_quant):
+            assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0, name
+    qmodel = ptq(fashion_mnist_model, fashion_mnist, 3, 4)
+    with torch_threads(1):
+        train_qat(qmodel, train.head(1280), info,
+                  qat_config(weight_bits=3, activation_bits=4, qat_epochs=1.0))
+    changed = sum(not torch.equal(layer.weight_quant.scale, before[n][0])
+                  and not torch.equal(layer.input_quant.scale, before[n][1])
+                  for n, layer in quant_layers(qmodel))
+    assert changed == len(before)
+    assert all(not q.learning for _, layer in quant_layers(convert(qmodel))
+               for q in (layer.weight_quant, layer.input_quant))
+
+
+def test_qat_and_bias_correction_refuse_validation_and_test_images(
+        fashion_mnist_model, fashion_mnist):
+    info, _, val, test = fashion_mnist
+    config = qat_config(weight_bits=4, activation_bits=4)
+    for split in (val, test):
+        qmodel = ptq(fashion_mnist_model, fashion_mnist, 4, 4)
+        with pytest.raises(ValueError, match="train split"):
+            train_qat(qmodel, split, info, config)
+        with pytest.raises(Exception, match="must read training images"):
+            bias_correct(qmodel, fashion_mnist_model, BatchLoader(split, info, 128), 2)
+
+
+def _mean_output_error(qmodel, fp32, name, batches):
+    """Per-channel mean of (quantized - FP32) output of layer `name`, absolute, averaged."""
+    got = torch.cat(_layer_outputs(qmodel, qmodel.get_submodule(name), batches))
+    want = torch.cat(_layer_outputs(fp32, fp32.get_submodule(name), batches))
+    return float((got - want).mean((0, 2, 3)).abs().mean())
+
+
+def test_bias_correction_reduces_the_mean_output_error(fashion_mnist_model, fashion_mnist):
+    info, train, _, _ = fashion_mnist
+    fp32 = fashion_mnist_model
+    loader = BatchLoader(train, info, 256)
+    batches = [x for x, _ in list(loader)[:2]]
+    qmodel = ptq(fp32, fashion_mnist, 3, 8)
+    layers = ["features.2.conv.0.0", "features.5.conv.1.0", "features.9.conv.2",
+              "features.18.0"]
+    with torch.no_grad():
+        before = {n: _mean_output_error(qmodel, fp32, n, batches) for n in layers}
+        bias_correct(qmodel, fp32, loader, num_batches=2)
+        after = {n: _mean_output_error(qmodel, fp32, n, batches) for n in layers}
+    for n in layers:
+        assert after[n] < 0.5 * before[n], (n, before[n], after[n])
+        assert qmodel.get_submodule(n).bias is not None
+
+
+# ---------------------------------------------------------------------------- sweep.py runs
+
+def env_for(tmp, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp),
+               PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def summary_of(run_dir):
+    out = subprocess.run([WANDB_CLI, "leet", "inspect", "--summary", "--json", str(run_dir)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory, _fashion_mnist_state):
+    """The conftest model (about 80% test accuracy) as a train.py-style checkpoint."""
+    tmp = tmp_path_factory.mktemp("qat-ckpt")
+    path = tmp / "best.pt"
+    atomic_save({"format": FORMAT, "arch": "cifar", "dataset": "fashion-mnist",
+                 "num_classes": 10, "in_channels": 1, "input_size": 28,
+                 "width_multiplier": SMALL_MODEL_RECIPE["width_multiplier"], "seed": 0,
+                 "args": {"data_dir": str(tmp / "data"), "weight_decay": 5e-5},
+                 "model": _fashion_mnist_state}, path)
+    return path
+
+
+def sweep_py(args, tmp):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], cwd=tmp,
+                          env=env_for(tmp), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_qat_run_logs_method_reloads_and_counts_bitops_from_its_plan(tmp_path,
+                                                                     small_checkpoint):
+    res = tmp_path / "res"
+    r = sweep_py(["--checkpoint", str(small_checkpoint), "--weight_bits", "3",
+                  "--activation_bits", "4", "--method", "qat", "--qat_epochs", "0.02",
+                  "--bias_correction", "true", "--results_dir", str(res), *QUICK], tmp_path)
+    assert r.returncode == 0, r.stderr
+    row = pd.read_csv(res / "runs" / "runs.csv").iloc[0]
+    assert (row.method, row.status, bool(row.bias_correction)) == ("qat", "finished", True)
+    assert row.roundtrip_max_abs_diff == 0.0  # the file reloads to the same logits
+    assert row.qat_seconds > 0 and row.qat_steps >= 1
+    (model_file,) = (res / "runs" / "models").glob("*.mbq")
+    reloaded = load_quantized(str(model_file))
+    fp32 = build_model("cifar", 10, SMALL_MODEL_RECIPE["width_multiplier"], 1)
+    _, totals = bitops.bitops_report(fp32, 28, precision_plan(reloaded))
+    assert row.bitops == totals["bitops"]
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    logged = summary_of(run_dir)
+    summary = logged["summary"]
+    assert logged["state"] == "finished"
+    assert summary["method"] == "qat" and summary["bitops"] == totals["bitops"]
+    assert summary["qat_epochs"] == 0.02 and summary["qat_seconds"] > 0
+    assert logged["config"]["bias_correction"] is True  # the validated value, not the flag text
+
+
+def test_qat_run_stopped_by_sigterm_is_recorded_as_killed(tmp_path, small_checkpoint):
+    res = tmp_path / "res"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "sweep.py"), "--checkpoint", str(small_checkpoint),
+         "--weight_bits", "4", "--activation_bits", "4", "--method", "qat", "--qat_epochs",
+         "1", "--results_dir", str(res), *QUICK],
+        cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, stdin=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:  # the run announces QAT before its first step
+            if line.startswith("QAT:"):
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(timeout=60)
+        stopped_in = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+    assert stopped_in < 15
+    row = pd.read_csv(res / "runs" / "runs.csv").iloc[0]
+    assert (row.status, row.stopped_in, row.method) == ("killed", "qat", "qat")
+    assert not list((res / "runs").glob("models/*"))  # nothing half-written
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    logged = summary_of(run_dir)
+    summary = logged["summary"]
+    assert logged["state"] == "failed" and logged["exit_code"] == 128 + signal.SIGTERM
+    assert summary["status"] == "killed" and summary["stopped_by"] == "SIGTERM"
+    assert summary["baseline_acc"] > 50
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "int8"], "--method"),
+    (["--method", "qat", "--qat_epochs", "0"], "--qat_epochs must be a positive number"),
+    (["--method", "qat", "--qat_epochs", "-1"], "--qat_epochs must be a positive number"),
+    (["--method", "qat", "--qat_epochs", "many"], "--qat_epochs"),
+    (["--method", "qat", "--qat_lr", "0"], "--qat_lr must be a positive number"),
+    (["--bias_correction", "maybe"], "--bias_correction must be true or false"),
+    (["--method", "qat", "--weight_bits", "32", "--activation_bits", "32"], "nothing"),
+])
+def test_bad_qat_flags_are_one_line_exit_2_and_touch_nothing(tmp_path, small_checkpoint,
+                                                             flags, message):
+    res = tmp_path / "res" / "runs"
+    res.mkdir(parents=True)
+    (res / "runs.csv").write_text("run_id,quant_acc\nearlier,80.0\n")
+    r = sweep_py(["--checkpoint", str(small_checkpoint), "--results_dir",
+                  str(tmp_path / "res"), *flags], tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert (res / "runs.csv").read_text() == "run_id,quant_acc\nearlier,80.0\n"
+    assert sorted(p.name for p in res.iterdir()) == ["runs.csv"]
+    assert not (tmp_path / "wandb").exists()
