@@ -182,3 +182,24 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, checkpoint, c
     lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("wandb:")]
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "res").exists()
+
+
+INIT_IN_SWEEP = """
+from mobilenet_compression import tracking
+run = tracking.init_run("offline", "quantize", {"weight_bits": 4})
+print("project:", run.project)
+run.finish()
+"""
+
+
+def test_a_run_inside_a_sweep_passes_no_project_to_wandb(tmp_path):
+    # wandb ignores wandb.init(project=...) inside a sweep and warned on every run; the sweep's
+    # project (WANDB_PROJECT, which `wandb agent` and the offline agent set) is used instead.
+    env = {k: v for k, v in env_for(tmp_path).items() if k != "WANDB_SILENT"}
+    env.update(WANDB_SWEEP_ID="swp00001", WANDB_PROJECT="sweep-project",
+               PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", INIT_IN_SWEEP], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "project: sweep-project" in r.stdout
+    assert "Ignoring project" not in r.stdout + r.stderr
