@@ -203,3 +203,21 @@ def test_a_run_inside_a_sweep_passes_no_project_to_wandb(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "project: sweep-project" in r.stdout
     assert "Ignoring project" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sweep.py", ["--checkpoint", "checkpoints/best.pt", "--weight_bits", "4"]),
+    ("sweep.py", ["--sweep", "sweeps/bits.yaml"]),
+    ("train.py", ["--epochs", "1"]),
+])
+def test_python_without_the_requirements_names_the_virtualenv(tmp_path, script, args):
+    # `wandb agent` runs `python` from PATH; one without the requirements (here: this one with
+    # -S, which hides its site-packages) must say which environment to activate, in one line.
+    r = subprocess.run([sys.executable, "-S", os.path.join(ROOT, script), *args], cwd=ROOT,
+                       env=env_for(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "no module named" in line
+    venv = subprocess.run(["make", "-s", "venv-path"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert f"source {venv}/bin/activate" in line and "make setup" in line
