@@ -221,3 +221,29 @@ def test_python_without_the_requirements_names_the_virtualenv(tmp_path, script, 
     venv = subprocess.run(["make", "-s", "venv-path"], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
     assert f"source {venv}/bin/activate" in line and "make setup" in line
+
+
+def test_set_threads_takes_the_flag_then_omp_num_threads(monkeypatch):
+    import argparse
+
+    from mobilenet_compression import threads
+    from mobilenet_compression.errors import UserError
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert threads.set_threads() == 1 == torch.get_num_threads()
+        assert threads.set_threads(2) == 2 == torch.get_num_threads()  # --threads wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert threads.set_threads() == 2  # neither: torch's count is left as it is
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(UserError, match="--threads must be a positive integer"):
+                threads.set_threads(bad)
+        monkeypatch.setenv("OMP_NUM_THREADS", "many")
+        with pytest.raises(UserError, match="OMP_NUM_THREADS must be a positive integer"):
+            threads.set_threads()
+    finally:
+        torch.set_num_threads(before)
+    parser = threads.add_argument(argparse.ArgumentParser())
+    assert parser.parse_args(["--threads", "3"]).threads == 3
+    assert parser.parse_args([]).threads is None
