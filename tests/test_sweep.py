@@ -117,17 +117,23 @@ def test_offline_sweep_2x2_with_two_agents_then_resume_adds_nothing(tmp_path, ch
         "metric": {"name": "quant_acc", "goal": "maximize"},
         "parameters": {"weight_bits": {"values": [8, 2]}, "activation_bits": {"values": [8, 2]},
                        "checkpoint": {"value": str(checkpoint)},
-                       "max_eval_samples": {"value": 300}, "calib_batches": {"value": 2}},
+                       "max_eval_samples": {"value": 300}, "calib_batches": {"value": 2},
+                       # The runs write here; the agent must find them here for the report.
+                       "results_dir": {"value": str(tmp_path / "res")}},
         "command": ["${env}", "${interpreter}", "${program}", "${args}"],
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    args = ["--sweep", str(path), "--agents", "2", "--results_dir", str(tmp_path / "res")]
+    args = ["--sweep", str(path), "--agents", "2"]
     r = sweep_py(args, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     (out,) = [p for p in (tmp_path / "res").iterdir() if p.is_dir()]
     rows = pd.read_csv(out / "runs.csv")
     assert len(rows) == 4 and set(rows.status) == {"finished"}
+    # Each row knows the configuration the sweep gave it (what a retry's row replaces).
+    params = [json.loads(p) for p in rows.sweep_params]
+    assert sorted((p["weight_bits"], p["activation_bits"]) for p in params) == sorted(
+        zip(rows.weight_bits, rows.activation_bits))
     assert set(zip(rows.weight_bits, rows.activation_bits)) == {(8, 8), (8, 2), (2, 8), (2, 2)}
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 4
