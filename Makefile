@@ -9,9 +9,14 @@ PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test
+.PHONY: setup demo test venv-path
 
 setup: $(VENV)/.installed $(FASHION_MNIST)
+
+# The virtualenv's path (the one mobilenet_compression.environment names), so that the online
+# workflow runs from it too: make setup && source "$$(make -s venv-path)/bin/activate"
+venv-path:
+	@echo $(VENV)
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)

@@ -10,20 +10,25 @@
 
 import sys
 
+from mobilenet_compression.environment import requirements_guard
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     flags = {arg.split("=", 1)[0] for arg in argv}
     # Imported lazily: each mode pays only for its own imports (a run does not need the agent).
-    if "--sweep" in flags:
-        from mobilenet_compression.agent import main as mode
-    elif "--report" in flags:
-        from mobilenet_compression.report import main as mode
-    else:
-        if flags & {"-h", "--help"}:
-            print(__doc__)
-        from mobilenet_compression.run import main as mode
-    return mode(argv)
+    # Started by a `python` without the requirements (`wandb agent` runs `python` from PATH):
+    # one line saying which virtualenv to activate, exit 2.
+    with requirements_guard():
+        if "--sweep" in flags:
+            from mobilenet_compression.agent import main as mode
+        elif "--report" in flags:
+            from mobilenet_compression.report import main as mode
+        else:
+            if flags & {"-h", "--help"}:
+                print(__doc__)
+            from mobilenet_compression.run import main as mode
+        return mode(argv)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,19 @@ refuses runs of a sweep it does not know, wandb/wandb#8115: to upload them into 
 it with `wandb sweep` and pass its id with --sweep_id.)
 
 What the agent keeps, in `<results_dir>/<sweep_id>/agent_state.json`: every run it launched,
-with its parameters, state (running, finished, failed, killed), exit code, log and, for bayes,
-its W&B summary. The sweep id is a hash of the yaml's content, so running the same yaml again
-finds that file and resumes: finished configurations are not run again; failed and killed ones
-are. The runs themselves write `runs.csv` beside it (mobilenet_compression.results); the agent
-adds a row only for a run that failed or was stopped, so the report can list it.
+with its parameters, state (running, finished, failed, killed), exit code, log, its process
+(host, pid and start time, and its agent's) and, for bayes, its W&B summary. The sweep id is a
+hash of the yaml's content, so running the same yaml again finds that file and resumes:
+finished configurations are not run again; failed and killed ones are. An agent that was
+killed outright (kill -9, a closed SSH session) leaves its runs going; the next one tells
+them apart (`settle`): a run still alive is waited for (adopted), one that finished since is
+kept (its runs.csv row says so), one that died with no row is run again.
+
+The runs themselves write `runs.csv` beside it (mobilenet_compression.results), the record of
+what each run did; the agent adds a row only for a run that failed or was stopped, so the
+report can list it, and a retried configuration's row replaces the earlier one. If the yaml
+sets `results_dir` as a parameter, the runs write there, and so the agent keeps its state
+and report there too.
 """
 
 import argparse
@@ -67,10 +75,15 @@ def get_args_parser():
                         help="at most N finished runs in the sweep; running the command again "
                              "tops it up to N. Needed for random and bayes, which never end by "
                              "themselves (default: the whole grid)")
-    parser.add_argument("--results_dir", default=results.default_results_dir(),
+    parser.add_argument("--results_dir", default=None,
                         help="where runs.csv, agent_state.json and the report go, under "
-                             "<results_dir>/<sweep_id>/; passed to every run "
-                             "(default: %(default)s)")
+                             "<results_dir>/<sweep_id>/; passed to every run. A results_dir "
+                             "parameter in the yaml wins, as it does for the runs (default: "
+                             "$MOBILENET_COMPRESSION_RESULTS_DIR, else results)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="CPU threads of each run (OMP_NUM_THREADS); several agents on "
+                             "one machine should share its cores (default: $OMP_NUM_THREADS, "
+                             "else cores / K)")
     parser.add_argument("--sweep_id", default=None,
                         help="use this sweep id instead of the yaml's hash, e.g. one that "
                              "`wandb sweep` printed, so that `wandb sync` can attach the runs "
@@ -167,48 +180,193 @@ def _read_state(path):
     if not path.exists():
         return {"runs": []}
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}); delete it to start the sweep afresh "
-                        f"(runs.csv keeps the finished results)") from None
+        state = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read the sweep's state {path} ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); it was left as it is: move it away "
+                        f"and run the same command again (the finished runs are read back "
+                        f"from runs.csv and not run again)") from None
+    if not (isinstance(state, dict) and isinstance(state.get("runs"), list)
+            and all(isinstance(e, dict) and "run_id" in e for e in state["runs"])):
+        raise UserError(f"{path} is not an agent state (a JSON object with a list of runs); "
+                        f"it was left as it is: move it away and run the same command again "
+                        f"(the finished runs are read back from runs.csv)")
+    return state
 
 
 def _write_state(path, state):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_plain(state), indent=1, default=str) + "\n")
-    os.replace(tmp, path)  # readers never see half a file
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(_plain(state), indent=1, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers never see half a file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _update_state(path, change):
     """Read, change and write the state under its lock, so that two agents on the same sweep
-    (two terminals, or two machines sharing a disk) never hand out the same configuration."""
+    (two terminals, or two machines sharing a disk) never hand out the same configuration.
+    A directory that became unwritable is one UserError sentence; the file is left as it
+    was."""
     from filelock import FileLock
 
-    with FileLock(str(results.lock_path(path))):
-        state = _read_state(path)
-        result = change(state)
-        _write_state(path, state)
+    try:
+        with FileLock(str(results.lock_path(path))):
+            state = _read_state(path)
+            result = change(state)
+            _write_state(path, state)
+    except OSError as e:
+        raise UserError(f"cannot write the sweep's state {path} ({e.strerror or e}); every "
+                        f"finished run is kept in runs.csv: make {path.parent} writable and "
+                        f"run the same command again to resume") from None
     return result
 
 
-def _pid_alive(pid):
+# Which process is which: a pid alone can be reused after its process ended, so each process
+# the state names (an agent, a run) is recorded with its start time (/proc/<pid>/stat).
+
+
+def process_start(pid):
+    """The start time of live process `pid` (clock ticks after boot); None when there is no
+    such process or only its zombie is left; -1 where /proc is missing (alive, time
+    unknown)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return -1
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):  # ended; its parent (or init) has not reaped it yet
+        return None
+    return int(fields[19])  # field 22 of proc(5): starttime
+
+
+def same_process(pid, start):
+    """Whether the process recorded as (pid, start) is still running."""
+    now = process_start(pid)
+    if now is None:
         return False
-    except PermissionError:
-        return True
-    return True
+    return start is None or now == -1 or start == -1 or now == start
 
 
-def _reap_stale(state):
-    """Runs left `running` by an agent of this machine that is gone (killed -9, power cut)
-    become `killed`, so that they are run again."""
+class Adopted:
+    """A run still going whose agent is gone (kill -9, a closed SSH session): the agent that
+    resumes the sweep watches it by pid, since only a parent can wait for its child, and reads
+    how it ended from its runs.csv row. Popen's poll/wait/pid, enough for the sweep loop."""
+
+    def __init__(self, pid, start):
+        self.pid, self.start, self.returncode = pid, start, None
+
+    def poll(self):
+        if self.returncode is None and not same_process(self.pid, self.start):
+            self.returncode = -1  # unknown to anyone but its dead parent: the row tells
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"run pid {self.pid}", timeout)
+            time.sleep(POLL_S)
+        return self.returncode
+
+
+def _row_summary(row):
+    """A runs.csv row's numbers, as the W&B summary the bayes engine fits on."""
+    summary = {}
+    for key, value in row.items():
+        try:
+            summary[key] = float(value)
+        except (TypeError, ValueError):
+            pass
+    return summary
+
+
+def _row_params(row, names):
+    """The sweep parameters a runs.csv row was run with: its sweep_params column; for rows
+    written before that column existed, its cells of the parameters' names."""
+    if row.get(results.SWEEP_PARAMS):
+        try:
+            params = json.loads(row[results.SWEEP_PARAMS])
+        except ValueError:
+            return None
+        return params if isinstance(params, dict) and set(params) == names else None
+    if not names <= set(row) or any(row[n] == "" for n in names):
+        return None
+    params = {}
+    for name in names:
+        text = row[name]
+        for kind in (int, float):
+            try:
+                params[name] = kind(text)
+                break
+            except ValueError:
+                pass
+        else:
+            params[name] = text
+    return params
+
+
+def settle(state, rows, config, sweep_id, me):
+    """Bring the state up to date with the processes of this machine and with runs.csv, the
+    record of what each run really did, before this agent hands out any run:
+    - a run marked running whose agent is gone (killed -9, a closed terminal) but which is
+      itself still running is adopted: this agent waits for it instead of running its
+      configuration again;
+    - one that ended since is what its runs.csv row says (finished: kept, never run again),
+      or killed when it wrote no row (run again);
+    - a finished row that the state does not know (the state file was moved away) is a
+      finished run of its configuration, so that is not run again either.
+    Runs of agents still alive, or of other machines, are left to them. Returns the adopted
+    entries."""
     host = socket.gethostname()
+    by_id = {row.get("run_id"): row for row in rows}
+    adopted = []
     for entry in state["runs"]:
-        if (entry["state"] == "running" and entry.get("host") == host
-                and not _pid_alive(entry.get("agent_pid", -1))):
-            entry["state"] = "killed"
+        row = by_id.get(entry["run_id"])
+        status = (row.get("status") or results.FINISHED) if row else None
+        if entry["state"] == "running":
+            if entry.get("host") != host or same_process(entry.get("agent_pid"),
+                                                         entry.get("agent_start")):
+                continue
+            if entry.get("pid") and same_process(entry["pid"], entry.get("pid_start")):
+                entry.update(agent_pid=me["pid"], agent_start=me["start"], adopted=True)
+                adopted.append(entry)
+                continue
+            entry["state"] = status if status in ("finished", "failed", "killed") else "killed"
+        elif status == results.FINISHED and entry["state"] != "finished":
+            entry["state"] = "finished"  # it finished after it was given up on
+        if entry["state"] == "finished" and row and config["method"] == "bayes":
+            entry.setdefault("summary", _row_summary(row))
+    known = set(by_id) & {e["run_id"] for e in state["runs"]}
+    names = set(config["parameters"])
+    for row in rows:
+        if (row.get("run_id") in known or (row.get("status") or results.FINISHED) != "finished"
+                or row.get("sweep_id", sweep_id) not in (sweep_id, "")):
+            continue
+        params = _row_params(row, names)
+        if params is not None:
+            state["runs"].append({"run_id": row["run_id"], "config": params,
+                                  "state": "finished", "exit_code": 0, "source": "runs.csv",
+                                  "summary": _row_summary(row)})
+    return adopted
 
 
 def _engine_runs(state, invocation):
@@ -284,11 +442,14 @@ def _expand_command(config, sweep_id, run_id, params, wandb_dir):
     return command, param_path
 
 
-def run_environment(config, sweep_id, results_dir, wandb_dir, agents=1):
+def run_environment(config, sweep_id, results_dir, wandb_dir, agents=1, threads=None):
     """The environment every run of this sweep gets on top of ours: what `wandb agent` sets
-    (sweep id, project and entity, WANDB_DIR), offline mode, and our results directory."""
+    (sweep id, project and entity, WANDB_DIR), offline mode, our results directory, and the
+    runs' share of the cores (OMP_NUM_THREADS: `threads`, else ours, else cores / agents)."""
     env = dict(os.environ)
-    if agents > 1 and "OMP_NUM_THREADS" not in env:
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    elif agents > 1 and "OMP_NUM_THREADS" not in env:
         # K runs that each take every core (torch's default) fight over them; share instead.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // agents))
     env.pop("WANDB_SERVICE", None)  # as wandb agent does: each run starts its own service
@@ -371,9 +532,12 @@ def _uninterrupted():
 
 
 def _stop(running):
-    """Ctrl-C: give every run SIGINT (so it can close its W&B run as failed, not crashed),
-    wait a while, then kill what is left. A second Ctrl-C kills at once."""
+    """Ctrl-C (or an error that ends the sweep): give every run SIGINT (so it can close its
+    W&B run as failed, not crashed), wait a while, then kill what is left. A second Ctrl-C
+    kills at once. Each run leads its own process group, adopted ones too."""
     for proc, _ in running.values():
+        if proc.poll() is not None:  # ended and reaped: its pid may be another's by now
+            continue
         try:
             os.killpg(proc.pid, signal.SIGINT)
         except ProcessLookupError:
@@ -400,141 +564,264 @@ def _stop(running):
 # The sweep
 
 
-def run_sweep(config, sweep_path, sweep_id, agents, count, results_dir):
-    """Propose, launch and record runs until the grid or the count is done; returns how many
-    runs this invocation launched and how many of them failed."""
-    from tqdm import tqdm
-    from wandb.sdk.lib.runid import generate_id
+class LocalAgent:
+    """One `python sweep.py --sweep` process: proposes, launches and records runs until the
+    grid or the count is done. Its record is agent_state.json (shared with other agents of the
+    same sweep, under a lock); the runs' own record is runs.csv."""
 
-    out_dir = results.sweep_dir(results_dir, sweep_id)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to the results directory {out_dir} "
-                        f"({e.strerror or e}); pass --results_dir a writable directory") from None
-    state_path = out_dir / STATE_FILE
-    wandb_dir = os.path.abspath(os.environ.get("WANDB_DIR") or os.getcwd())
-    env = run_environment(config, sweep_id, results_dir, wandb_dir, agents)
-    invocation = uuid.uuid4().hex
-    host, agent_pid = socket.gethostname(), os.getpid()
+    def __init__(self, config, sweep_path, sweep_id, agents, count, results_dir, threads=None):
+        self.config, self.sweep_path, self.sweep_id = config, sweep_path, sweep_id
+        self.agents, self.count, self.results_dir = agents, count, results_dir
+        self.out_dir = results.sweep_dir(results_dir, sweep_id)
+        self.state_path = self.out_dir / STATE_FILE
+        self.wandb_dir = os.path.abspath(os.environ.get("WANDB_DIR") or os.getcwd())
+        self.env = run_environment(config, sweep_id, results_dir, self.wandb_dir, agents,
+                                   threads)
+        self.invocation = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.me = {"pid": os.getpid(), "start": process_start(os.getpid())}
+        self.running = {}  # run_id -> (Popen or Adopted, log path)
 
-    def start(state):
-        _reap_stale(state)
-        state.update(sweep_id=sweep_id, sweep_file=str(sweep_path), config=config)
-        finished = sum(e["state"] == "finished" for e in state["runs"])
-        todo = None if count is None else max(0, count - finished)
-        if config["method"] == "grid":
-            left = _grid_size_left(config, state, invocation)
-            todo = left if todo is None else min(todo, left)
-        return finished, todo
+    # -- the state ------------------------------------------------------------------------
 
-    finished_before, todo = _update_state(state_path, start)
-    print(f"sweep {sweep_id} ({sweep_path}, {config['method']}): {finished_before} runs "
-          f"finished before, {todo} to run, {agents} at a time; offline W&B runs in "
-          f"{os.path.join(wandb_dir, 'wandb')}, results in {out_dir}", flush=True)
+    def _entry(self, state, run_id):
+        return next(e for e in state["runs"] if e["run_id"] == run_id)
 
-    def claim(state):
-        params = _propose(config, state, invocation, sweep_path)
-        if params is None:
-            return None
-        run_id = generate_id()
-        state["runs"].append({
-            "run_id": run_id, "config": params, "state": "running", "exit_code": None,
-            "host": host, "agent_pid": agent_pid, "invocation": invocation,
-            "started_at": time.time(),
-        })
-        return run_id, params
-
-    def record(run_id, exit_code, log_path, final_state=None):
-        summary = {}
-        if final_state is None:
-            final_state = "finished" if exit_code == 0 else "failed"
-        if final_state == "finished" and config["method"] == "bayes":
-            summary = read_wandb_summary(wandb_dir, run_id)
+    def start(self):
+        """Settle what earlier agents left (see `settle`); returns (runs finished before,
+        runs to launch or None for "until the engine stops", adopted entries)."""
+        rows = results.read_rows(results.runs_csv_path(self.results_dir, self.sweep_id))
 
         def change(state):
-            for entry in state["runs"]:
-                if entry["run_id"] == run_id:
-                    entry.update(state=final_state, exit_code=exit_code, log=log_path,
-                                 duration_s=round(time.time() - entry["started_at"], 2),
-                                 summary=summary)
-                    return entry["config"]
-        params = _update_state(state_path, change)
+            adopted = settle(state, rows, self.config, self.sweep_id, self.me)
+            state.update(sweep_id=self.sweep_id, sweep_file=str(self.sweep_path),
+                         config=self.config)
+            finished = sum(e["state"] == "finished" for e in state["runs"])
+            todo = None if self.count is None else max(0, self.count - finished - len(adopted))
+            if self.config["method"] == "grid":
+                left = _grid_size_left(self.config, state, self.invocation)
+                todo = left if todo is None else min(todo, left)
+            return finished, todo, [dict(e) for e in adopted]
+
+        return _update_state(self.state_path, change)
+
+    def claim(self):
+        """The next configuration, marked running under this agent; None when none is left."""
+        from wandb.sdk.lib.runid import generate_id
+
+        def change(state):
+            params = _propose(self.config, state, self.invocation, self.sweep_path)
+            if params is None:
+                return None
+            run_id = generate_id()
+            state["runs"].append({
+                "run_id": run_id, "config": params, "state": "running", "exit_code": None,
+                "host": self.host, "agent_pid": self.me["pid"], "agent_start": self.me["start"],
+                "invocation": self.invocation, "started_at": time.time(),
+            })
+            return run_id, params
+
+        return _update_state(self.state_path, change)
+
+    def launch(self, run_id, params):
+        proc, log_path = launch(self.config, self.sweep_id, run_id, params, self.env,
+                                self.wandb_dir)
+        self.running[run_id] = (proc, log_path)
+        pid_start = process_start(proc.pid)
+
+        def change(state):  # so that an agent resuming after us finds the run by its pid
+            self._entry(state, run_id).update(pid=proc.pid, pid_start=pid_start, log=log_path)
+
+        _update_state(self.state_path, change)
+
+    def adopt(self, entry):
+        log_path = entry.get("log") or os.path.join(
+            self.wandb_dir, "wandb", f"sweep-{self.sweep_id}", f"{entry['run_id']}.log")
+        self.running[entry["run_id"]] = (Adopted(entry["pid"], entry.get("pid_start")),
+                                         log_path)
+
+    def outcome(self, run_id, proc):
+        """(state, exit code) of an ended run: its exit code, and for an adopted run (whose
+        exit code died with its agent) or one that says it was killed, its runs.csv row."""
+        adopted = isinstance(proc, Adopted)
+        if proc.returncode == 0 and not adopted:
+            return "finished", 0
+        row = results.find_row(self.results_dir, self.sweep_id, run_id)
+        status = (row.get("status") or results.FINISHED) if row else None
+        if adopted:
+            if status == results.FINISHED:
+                return "finished", 0
+            try:
+                code = int(float(row["exit_code"]))
+            except (TypeError, KeyError, ValueError):
+                code = None  # it wrote no row, or one without its exit code
+            return (status if status in ("failed", "killed") else "failed"), code
+        return ("killed" if status == "killed" else "failed"), proc.returncode
+
+    def record(self, run_id, final_state, exit_code, log_path):
+        """Write how a run ended into the state and, when it did not finish, into runs.csv (it
+        could not write its own row, or wrote one saying `killed`): one row per
+        configuration, a retry's row replacing the earlier one (results.append_run)."""
+        summary = {}
+        if final_state == "finished" and self.config["method"] == "bayes":
+            summary = read_wandb_summary(self.wandb_dir, run_id)
+            if not summary:  # an adopted run: its W&B files may be elsewhere, its row is here
+                row = results.find_row(self.results_dir, self.sweep_id, run_id)
+                summary = _row_summary(row) if row else {}
+
+        def change(state):
+            entry = self._entry(state, run_id)
+            started = entry.get("started_at") or time.time()
+            entry.update(state=final_state, exit_code=exit_code, log=log_path,
+                         duration_s=round(time.time() - started, 2), summary=summary)
+            return entry["config"]
+
+        params = _update_state(self.state_path, change)
         if final_state != "finished":
-            # The run could not write its own row; this one lets the report list it.
-            results.append_run(results_dir, sweep_id, {
-                "run_id": run_id, "status": final_state, "exit_code": exit_code, **params})
+            results.append_run(self.results_dir, self.sweep_id, {
+                "run_id": run_id, "status": final_state, "exit_code": exit_code, **params},
+                params=params)
         return params
 
-    running = {}  # run_id -> (Popen, log path)
-    launched = ended = failed = 0
-    bar = tqdm(total=todo, unit="run", desc=f"sweep {sweep_id}", dynamic_ncols=True)
-    try:
-        while True:
-            giving_up = failed >= MAX_INITIAL_FAILURES and failed >= ended
-            while not giving_up and len(running) < agents and (todo is None or launched < todo):
-                with _uninterrupted():  # a claimed run is always launched and tracked
-                    claimed = _update_state(state_path, claim)
-                    if claimed is None:
-                        todo = bar.total = launched  # the grid is done, or another agent has it
-                        bar.refresh()
-                        break
-                    run_id, params = claimed
-                    launched += 1
-                    try:
-                        running[run_id] = launch(config, sweep_id, run_id, params, env,
-                                                 wandb_dir)
-                    except OSError as e:  # e.g. the command's executable does not exist
-                        bar.write(f"run {run_id} could not start: {e}", file=sys.stderr)
-                        record(run_id, None, None, "failed")
-                        ended += 1
-                        failed += 1
-                        bar.update()
-            if not running:
-                break
-            time.sleep(POLL_S)
-            for run_id, (proc, log_path) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                with _uninterrupted():  # an ended run is always recorded
-                    del running[run_id]
-                    params = record(run_id, proc.returncode, log_path)
-                ended += 1
-                what = " ".join(f"{k}={v}" for k, v in params.items())
-                if proc.returncode == 0:
-                    bar.write(f"run {run_id} finished: {what}")
-                else:
-                    failed += 1
-                    bar.write(f"run {run_id} FAILED with exit code {proc.returncode}: {what}\n"
-                              f"{_tail(log_path)}\n    full log: {log_path}", file=sys.stderr)
-                bar.set_postfix(failed=failed)
-                bar.update()
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\nstopping {len(running)} running run(s); finished results are kept",
-              file=sys.stderr, flush=True)
-        _stop(running)
-        for run_id, (proc, log_path) in running.items():
-            if proc.returncode == 0:
-                record(run_id, 0, log_path)
-            else:
-                record(run_id, proc.returncode, log_path, "killed")
-
-        def forget_claims(state):  # none should be left; if one is, it must be run again
+    def forget_claims(self):
+        """None should be left; if one is, it must be run again."""
+        def change(state):
             for entry in state["runs"]:
-                if entry.get("invocation") == invocation and entry["state"] == "running":
+                if entry.get("invocation") == self.invocation and entry["state"] == "running":
                     entry["state"] = "killed"
-        _update_state(state_path, forget_claims)
-        raise
-    bar.close()
-    if failed >= MAX_INITIAL_FAILURES and failed >= ended:
-        raise UserError(f"the first {failed} runs of sweep {sweep_id} all failed, so the "
-                        f"sweep stopped; see their logs in "
-                        f"{os.path.join(wandb_dir, 'wandb', f'sweep-{sweep_id}')}")
-    return launched, failed
+        _update_state(self.state_path, change)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def check_results_dir(self):
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to the results directory {self.out_dir} "
+                            f"({e.strerror or e}); pass --results_dir a writable directory"
+                            ) from None
+
+    def run(self):
+        """Returns (runs launched, runs that failed) of this invocation."""
+        from tqdm import tqdm
+
+        self.check_results_dir()
+        finished_before, todo, adopted = self.start()
+        for entry in adopted:
+            self.adopt(entry)
+        note = (f", {len(adopted)} still running from an agent that is gone (waiting for "
+                f"them)" if adopted else "")
+        print(f"sweep {self.sweep_id} ({self.sweep_path}, {self.config['method']}): "
+              f"{finished_before} runs finished before{note}, {todo} to run, {self.agents} at "
+              f"a time; offline W&B runs in {os.path.join(self.wandb_dir, 'wandb')}, results "
+              f"in {self.out_dir}", flush=True)
+        total = None if todo is None else todo + len(adopted)
+        bar = tqdm(total=total, unit="run", desc=f"sweep {self.sweep_id}", dynamic_ncols=True)
+        launched = ended = failed = 0
+        try:
+            while True:
+                giving_up = failed >= MAX_INITIAL_FAILURES and failed >= ended
+                while (not giving_up and len(self.running) < self.agents
+                       and (todo is None or launched < todo)):
+                    with _uninterrupted():  # a claimed run is always launched and tracked
+                        claimed = self.claim()
+                        if claimed is None:
+                            todo = launched  # the grid is done, or another agent has it
+                            bar.total = launched + len(adopted)
+                            bar.refresh()
+                            break
+                        run_id, params = claimed
+                        launched += 1
+                        try:
+                            self.launch(run_id, params)
+                        except OSError as e:  # e.g. the command's executable does not exist
+                            bar.write(f"run {run_id} could not start: {e}", file=sys.stderr)
+                            self.record(run_id, "failed", None, None)
+                            ended += 1
+                            failed += 1
+                            bar.update()
+                if not self.running:
+                    break
+                time.sleep(POLL_S)
+                for run_id, (proc, log_path) in list(self.running.items()):
+                    if proc.poll() is None:
+                        continue
+                    with _uninterrupted():  # an ended run is always recorded
+                        final_state, exit_code = self.outcome(run_id, proc)
+                        params = self.record(run_id, final_state, exit_code, log_path)
+                        del self.running[run_id]
+                    ended += 1
+                    what = " ".join(f"{k}={v}" for k, v in params.items())
+                    whose = " (adopted)" if isinstance(proc, Adopted) else ""
+                    if final_state == "finished":
+                        bar.write(f"run {run_id}{whose} finished: {what}")
+                    else:
+                        failed += 1
+                        if isinstance(proc, Adopted) and todo is not None:
+                            todo += 1  # its configuration is free again: run it here
+                            bar.total += 1
+                        bar.write(f"run {run_id}{whose} {final_state.upper()} with exit code "
+                                  f"{exit_code}: {what}\n{_tail(log_path)}\n    full log: "
+                                  f"{log_path}", file=sys.stderr)
+                    bar.set_postfix(failed=failed)
+                    bar.update()
+        except (KeyboardInterrupt, UserError) as stopped:
+            bar.close()
+            self.stop_all(stopped)
+            raise
+        bar.close()
+        if failed >= MAX_INITIAL_FAILURES and failed >= ended:
+            raise UserError(f"the first {failed} runs of sweep {self.sweep_id} all failed, so "
+                            f"the sweep stopped; see their logs in "
+                            f"{os.path.join(self.wandb_dir, 'wandb', f'sweep-{self.sweep_id}')}")
+        return launched, failed
+
+    def stop_all(self, reason):
+        """Stop every run (Ctrl-C, SIGTERM, or an error such as an unwritable results
+        directory) and record what is known; finished results are never touched."""
+        going = sum(proc.poll() is None for proc, _ in self.running.values())
+        if going:
+            print(f"\nstopping {going} running run(s); finished results are kept",
+                  file=sys.stderr, flush=True)
+        _stop(self.running)
+        try:
+            for run_id, (proc, log_path) in self.running.items():
+                final_state, exit_code = self.outcome(run_id, proc)
+                if final_state != "finished":
+                    final_state = "killed"
+                self.record(run_id, final_state, exit_code, log_path)
+            self.forget_claims()
+        except UserError:
+            if isinstance(reason, UserError):
+                return  # the first error is the one to report; the next run retries these
+            raise
+
+
+def run_sweep(config, sweep_path, sweep_id, agents, count, results_dir, threads=None):
+    """Propose, launch and record runs until the grid or the count is done; returns how many
+    runs this invocation launched and how many of them failed."""
+    return LocalAgent(config, sweep_path, sweep_id, agents, count, results_dir,
+                      threads).run()
+
+
+def results_dir_of(config, path, given):
+    """Where the sweep's runs write runs.csv: a `results_dir` parameter of the yaml (the
+    runs take their parameters from it, over any flag), else --results_dir, else
+    $MOBILENET_COMPRESSION_RESULTS_DIR or `results`."""
+    spec = config["parameters"].get("results_dir")
+    if spec is None:
+        return given or results.default_results_dir()
+    values = [spec["value"]] if "value" in spec else spec.get("values") or []
+    if len(values) != 1 or not isinstance(values[0], str) or not values[0]:
+        raise UserError(f"{path}: the results_dir parameter must be one directory (where the "
+                        f"sweep's runs.csv goes), not {spec}")
+    if given and Path(given).resolve() != Path(values[0]).resolve():
+        print(f"note: the sweep's results_dir parameter ({values[0]}) is where its runs write; "
+              f"using it instead of --results_dir {given}", file=sys.stderr)
+    return values[0]
 
 
 @cli
@@ -550,17 +837,18 @@ def main(argv=None):
         raise UserError(f"the sweep's program {config['program']} is not in {os.getcwd()}; run "
                         f"the sweep from the directory its `program:` is relative to (the "
                         f"repository root for sweeps/*.yaml)")
+    results_dir = results_dir_of(config, args.sweep, args.results_dir)
     sweep_id = args.sweep_id or sweep_id_for(config)
     # The runs live in their own process groups, so a SIGTERM (a cluster's time limit, `kill`)
     # would orphan them; it is handled like Ctrl-C: stop them and keep what finished.
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launched, failed = run_sweep(config, args.sweep, sweep_id, args.agents, args.count,
-                                     args.results_dir)
+                                     results_dir, args.threads)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    out_dir = results.sweep_dir(args.results_dir, sweep_id)
+    out_dir = results.sweep_dir(results_dir, sweep_id)
     if launched or not (out_dir / "summary.md").exists():
         if (out_dir / results.RUNS_CSV).exists():
             from mobilenet_compression import report

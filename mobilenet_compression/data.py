@@ -10,6 +10,7 @@ import gzip
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,11 @@ def _stage_fashion_mnist(data_dir):
     """Unpack Debian's Fashion-MNIST files into torchvision's layout if --data_dir lacks
     them. Debian recompressed the .gz files (their MD5 differs from torchvision's table), so
     they are unpacked to the raw idx files, which torchvision reads and checks for its magic
-    numbers; the network is never touched."""
+    numbers; the network is never touched.
+
+    Any number of processes may stage into the same folder at once (K runs of a sweep starting
+    together): each unpacks into its own temporary file and renames it into place, so a file
+    under its final name is always whole, and the last rename of identical bytes wins."""
     raw = os.path.join(data_dir, "FashionMNIST", "raw")
     names = [name for name, _ in datasets.FashionMNIST.resources]
     if all(os.path.exists(os.path.join(raw, n[:-3])) for n in names):
@@ -102,11 +107,19 @@ def _stage_fashion_mnist(data_dir):
     os.makedirs(raw, exist_ok=True)
     for n in names:
         target = os.path.join(raw, n[:-3])
-        if not os.path.exists(target):
+        if os.path.exists(target):
+            continue
+        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{n[:-3]}.", suffix=".part")
+        try:
             with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n), "rb") as src, \
-                    open(target + ".part", "wb") as dst:
+                    os.fdopen(fd, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            os.replace(target + ".part", target)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the dataset is not
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def _torchvision_dataset(info, data_dir, train):

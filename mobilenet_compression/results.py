@@ -2,11 +2,30 @@
 
 Several runs of one sweep finish at the same time (`--agents K`, or several `wandb agent`
 processes on one machine), so every write happens under a file lock and replaces the file
-atomically: a reader never sees half a row, and a row is keyed by its W&B run id, so writing
-the same run twice updates it instead of duplicating it.
+atomically (written to a temporary file, fsynced, renamed): a reader never sees half a row,
+and a crash never leaves half a file where a whole one was.
+
+Which row a write replaces (`append_run`), so that there is one row per run and one per
+configuration of a sweep:
+1. A row with the same `run_id` (the W&B run id) is updated: new values win, old columns
+   stay. A run that writes its row twice (a retried write; a `killed` row the run wrote
+   itself, then the agent's exit code) still has one row.
+2. Inside a sweep, the row records the parameters the sweep gave the run, exactly as given,
+   as JSON in the `sweep_params` column: those the caller passes (the offline agent passes
+   its proposal), else those of the config file `wandb agent` writes for the run and names in
+   WANDB_SWEEP_PARAM_PATH (when WANDB_SWEEP_ID is this sweep). A row of another run of the
+   same sweep with equal sweep parameters is the same configuration run again, a retry: the
+   new row replaces it. The sweep's own parameters are the identity, not the row's metric
+   columns (a mixed-precision run logs its mean bits as `weight_bits`, not the swept value).
+3. One exception keeps results: a row that did not finish (failed, killed) never replaces a
+   finished row of another run of the same configuration; it is dropped instead.
+A damaged runs.csv (a row cut short by a crash) is never written over: every write and read
+stops with one UserError sentence and leaves the file as it is.
 """
 
 import csv
+import io
+import json
 import math
 import os
 import tempfile
@@ -31,9 +50,10 @@ COLUMNS = [
     "orig_mb", "compressed_mb", "compression_ratio",
     "weight_compression_ratio", "activation_compression_ratio",
     "bitops", "bitops_fp32", "weight_bitops", "macs",
-    "checkpoint", "dataset",
+    "checkpoint", "dataset", "sweep_params",
 ]
 FINISHED = "finished"
+SWEEP_PARAMS = "sweep_params"  # the column holding a run's sweep parameters, as JSON
 LOCK_TIMEOUT_S = 120
 
 
@@ -71,11 +91,80 @@ def _ordered(columns):
     return known + [c for c in columns if c not in COLUMNS]
 
 
-def _read_rows(path):
-    if not path.exists():
+def read_rows(path):
+    """The rows of a runs.csv as dicts of strings ([] when there is no file yet). A damaged
+    file (a row cut short or with cells too many, as a crash mid-write leaves it) is one
+    UserError sentence; nothing is written to it."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    except UnicodeDecodeError:
+        raise UserError(_damaged(path, "it is not text")) from None
+    except OSError as e:
+        raise UserError(f"cannot read the results table {path} ({e.strerror or e})") from None
+    if not text:
+        return []
+    reader = csv.DictReader(io.StringIO(text))
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise UserError(_damaged(path, f"line {reader.line_num}: {e}")) from None
+    if not reader.fieldnames or "run_id" not in reader.fieldnames:
+        raise UserError(_damaged(path, "its first line is not a header with run_id"))
+    if not text.endswith("\n"):
+        raise UserError(_damaged(path, f"its last line ({len(rows) + 1}) is cut off",
+                                 len(rows) - 1))
+    for number, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            raise UserError(_damaged(path, f"line {number} has "
+                                           f"{'more' if None in row else 'fewer'} cells than "
+                                           f"the header", len(rows) - 1))
+    return rows
+
+
+def _damaged(path, problem, whole=None):
+    rest = f" ({whole} other row{' is' if whole == 1 else 's are'} whole)" if whole else ""
+    return (f"{path} is damaged: {problem}, as when a crash cuts a write short; it was left "
+            f"as it is: delete the broken line{rest} or restore the file, then run again")
+
+
+def sweep_params_from_env(sweep_id):
+    """The parameters `wandb agent` (or the offline agent) gave this run: its config file
+    (WANDB_SWEEP_PARAM_PATH, {name: {value: v}}), when WANDB_SWEEP_ID is `sweep_id`; else
+    None."""
+    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    if not sweep_id or os.environ.get("WANDB_SWEEP_ID") != sweep_id or not path:
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return {name: spec["value"] for name, spec in config.items()
+            if isinstance(spec, dict) and "value" in spec}
+
+
+def _params_json(params):
+    return json.dumps({k: _plain(v) for k, v in params.items()}, sort_keys=True, default=str)
+
+
+def _same_config(row, params, sweep_id):
+    if params is None or row.get("sweep_id", "") != (sweep_id or ""):
+        return False
+    try:
+        return json.loads(row.get(SWEEP_PARAMS) or "null") == params
+    except ValueError:
+        return False
+
+
+def _finished(row):
+    return (row.get("status") or FINISHED) == FINISHED
 
 
 def _file_mode():
@@ -95,37 +184,65 @@ def _write_rows(path, rows):
             writer = csv.DictWriter(f, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes it private; a results table is not
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
-def append_run(results_dir, sweep_id, row):
-    """Add one run's row to `<results_dir>/<sweep_id or "runs">/runs.csv` and return its path.
+def merge_row(rows, row, sweep_id, params=None):
+    """The table `rows` with `row` written in by the rules of this module's docstring (1: same
+    run_id updates, 2: same sweep parameters replaces, 3: a row that did not finish never
+    replaces a finished one). `rows` is not changed."""
+    run_id = str(row["run_id"])
+    others, mine, position = [], None, None
+    for old in rows:
+        if old.get("run_id") == run_id:
+            mine = {**old, **row}
+            position = len(others)
+        else:
+            others.append(old)
+    if mine is None:
+        mine = dict(row)
+        mine.setdefault("status", FINISHED)
+    twins = [i for i, old in enumerate(others) if _same_config(old, params, sweep_id)]
+    if twins and not _finished(mine) and any(_finished(others[i]) for i in twins):
+        return others  # keep the configuration's finished result
+    if position is None:
+        position = twins[0] if twins else len(others)
+    kept = [old for i, old in enumerate(others) if i not in twins]
+    position -= sum(i < position for i in twins)
+    return kept[:position] + [mine] + kept[position:]
 
-    `row` must hold `run_id` (the W&B run id). A row whose run id is already in the file
-    updates that row (new values win, old columns stay), so a retried write never duplicates
-    a run. `sweep_id` and `status` ("finished" unless given) are filled in when missing.
+
+def append_run(results_dir, sweep_id, row, params=None):
+    """Write one run's row into `<results_dir>/<sweep_id or "runs">/runs.csv`; return its path.
+
+    `row` must hold `run_id` (the W&B run id). `params` are the parameters the sweep gave the
+    run (default: read from WANDB_SWEEP_PARAM_PATH inside a sweep, see
+    `sweep_params_from_env`); they are stored as JSON in `sweep_params` and decide which
+    earlier row of the same configuration this one replaces (see the module docstring).
+    `sweep_id` and `status` ("finished" unless given) are filled in when missing.
     """
     if not row.get("run_id"):
         raise ValueError("a results row needs the W&B run id under 'run_id'")
     row = {key: _plain(value) for key, value in row.items()}
     row.setdefault("sweep_id", sweep_id or "")
+    if params is None:
+        params = sweep_params_from_env(sweep_id)
+    if params is not None:
+        params = json.loads(_params_json(params))  # the form it is compared in, once read back
+        row[SWEEP_PARAMS] = _params_json(params)
     path = runs_csv_path(results_dir, sweep_id)
     lock = lock_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(lock), timeout=LOCK_TIMEOUT_S):
-            rows = _read_rows(path)
-            for old in rows:
-                if old.get("run_id") == str(row["run_id"]):
-                    old.update(row)
-                    break
-            else:
-                row.setdefault("status", FINISHED)
-                rows.append(row)
+            rows = merge_row(read_rows(path), row, sweep_id, params)
             _write_rows(path, rows)
     except Timeout:
         raise UserError(f"{path} stayed locked for {LOCK_TIMEOUT_S} s; if no other run is "
@@ -134,6 +251,14 @@ def append_run(results_dir, sweep_id, row):
         raise UserError(f"cannot write the results table {path} ({e.strerror or e}); pass "
                         f"--results_dir a directory you can write to") from None
     return path
+
+
+def find_row(results_dir, sweep_id, run_id):
+    """The row run `run_id` wrote in its sweep's runs.csv, or None."""
+    for row in read_rows(runs_csv_path(results_dir, sweep_id)):
+        if row.get("run_id") == str(run_id):
+            return row
+    return None
 
 
 def find_runs_csv(path):
@@ -152,6 +277,7 @@ def read_runs(path):
     import pandas as pd
 
     csv_path = find_runs_csv(path)
+    read_rows(csv_path)  # a damaged file is one sentence, not a half table
     try:
         # Ids stay text even when a random id happens to be all digits.
         df = pd.read_csv(csv_path, dtype={"run_id": str, "sweep_id": str})

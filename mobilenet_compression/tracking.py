@@ -43,13 +43,14 @@ def resolve_mode(requested=None):
 
 def init_run(mode, job_type, config, **kwargs):
     """wandb.init for this project; imported lazily so `--wandb_mode disabled` and the
-    pure-metric code never pay for importing wandb."""
+    pure-metric code never pay for importing wandb.
+
+    Inside a sweep (WANDB_SWEEP_ID set, by `wandb agent` or the offline agent) the project is
+    the sweep's: wandb ignores a `project` argument there and warns about it on every run
+    ("Ignoring project ... when running a sweep"), so none is passed."""
     import wandb
 
-    return wandb.init(
-        project=kwargs.pop("project", None) or os.environ.get("WANDB_PROJECT") or PROJECT,
-        job_type=job_type,
-        config=config,
-        mode=mode,
-        **kwargs,
-    )
+    project = kwargs.pop("project", None) or os.environ.get("WANDB_PROJECT") or PROJECT
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        kwargs["project"] = project
+    return wandb.init(job_type=job_type, config=config, mode=mode, **kwargs)

@@ -23,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 STAND_IN = '''
-import argparse, sys, time
+import argparse, os, sys, time
 import wandb
 from mobilenet_compression import results
 
@@ -33,13 +33,21 @@ parser.add_argument("--activation_bits", type=int, default=32)
 parser.add_argument("--calibration", default="minmax")
 parser.add_argument("--fail_bits", type=int, default=0)
 parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--hold_dir", default="")  # a run waits while HOLD_DIR/<weight_bits> exists
+parser.add_argument("--results_dir", default=None)
 args = parser.parse_args()
 run = wandb.init(project="ignored-inside-a-sweep", job_type="quantize", config=vars(args))
 c = run.config  # under an agent the sweep's parameters arrive here, whatever argv said
 time.sleep(c.sleep)
+held_until = time.monotonic() + 120
+while (c.hold_dir and os.path.exists(os.path.join(c.hold_dir, str(c.weight_bits)))
+       and time.monotonic() < held_until):
+    time.sleep(0.05)
 if c.weight_bits == c.fail_bits:
     print("stand-in: failing on purpose", file=sys.stderr)
     sys.exit(3)
+with open("evaluations.log", "a") as log:  # one line per evaluation, however the run ends
+    log.write(f"{c.weight_bits},{c.activation_bits},{run.id}\\n")
 acc = 90.0 - 40.0 / c.weight_bits - 20.0 / c.activation_bits
 metrics = {
     "weight_bits": c.weight_bits, "activation_bits": c.activation_bits,
@@ -49,7 +57,7 @@ metrics = {
     "bitops": 9e7 * c.weight_bits * c.activation_bits, "macs": 9e7,
 }
 run.summary.update(metrics)
-results.append_run(results.default_results_dir(), run.sweep_id,
+results.append_run(c.results_dir or results.default_results_dir(), run.sweep_id,
                    {"run_id": run.id, "calibration": c.calibration, **metrics})
 run.finish()
 '''
@@ -235,7 +243,13 @@ def test_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, env):
     assert again.returncode == 1
     state = json.loads((sweep_dir / "agent_state.json").read_text())
     assert sorted(e["config"]["weight_bits"] for e in state["runs"]) == [2, 2, 4, 8]
-    assert len(pd.read_csv(sweep_dir / "runs.csv")) == 4
+    # One row per configuration: the retry's row replaced the first failure's.
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    assert sorted(zip(table["weight_bits"], table["status"])) == [
+        (2, "failed"), (4, "finished"), (8, "finished")]
+    retry = max((e for e in state["runs"] if e["config"]["weight_bits"] == 2),
+                key=lambda e: e["started_at"])
+    assert retry["run_id"] in set(table["run_id"])
 
 
 def test_bayes_sweep_learns_from_finished_runs(tmp_path, env):
@@ -316,6 +330,10 @@ def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env, signum)
      "missing.py is not in"),
     ("- just\n- a list\n", [], "must be a YAML mapping"),
     (None, [], "cannot read the sweep yaml"),
+    ("method: grid\nprogram: standin.py\nparameters: {weight_bits: {values: [8]}}\n",
+     ["--threads", "0"], "--threads: must be at least 1"),
+    ("method: grid\nprogram: standin.py\nparameters: {results_dir: {values: [a, b]}}\n", [],
+     "the results_dir parameter must be one directory"),
 ])
 def test_broken_sweep_yaml_is_one_clear_error(tmp_path, env, text, extra, message):
     path = tmp_path / "broken.yaml"
@@ -385,3 +403,290 @@ def test_launch_matches_wandb_agent(tmp_path, monkeypatch):
         tmp_path / "wandb" / "sweep-swp00001" / "config-wbrun001.yaml")
     assert "--weight_bits=4" in wb["argv"] and wb["argv"][-1] == "tag-t1"
     assert wandb.env.SWEEP_PARAM_PATH == "WANDB_SWEEP_PARAM_PATH"
+
+
+# --- resuming after the agent itself was killed ----------------------------------------------
+
+
+def start_agent(args, cwd, env):
+    return subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_state(results_dir, ready, timeout=60):
+    """agent_state.json's runs once `ready(runs)` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in Path(results_dir).glob("*/agent_state.json"):
+            try:
+                runs = json.loads(path.read_text())["runs"]
+            except ValueError:  # never half a file, but be safe
+                continue
+            if ready(runs):
+                return path, runs
+        time.sleep(0.1)
+    pytest.fail(f"the sweep's state never got there: {list(Path(results_dir).rglob('*'))}")
+
+
+def alive(pid):
+    """Whether process `pid` is running (its zombie, waiting for init to reap it, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until_gone(pids, timeout=60):
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"runs {pids} never ended"
+        time.sleep(0.1)
+
+
+def evaluations(tmp_path):
+    lines = (tmp_path / "evaluations.log").read_text().split()
+    return sorted((int(w), int(a)) for w, a, _ in (line.split(",") for line in lines))
+
+
+GRID4 = [(8, 8), (6, 8), (4, 8), (2, 8)]
+
+
+def kill_agent_with_two_runs_going(tmp_path, env, yaml_path):
+    """Start a 2-agent sweep, kill -9 its agent while two runs are going (their pids in the
+    state); the runs, in their own process groups, go on. Returns those two state entries."""
+    agent = start_agent(["--sweep", str(yaml_path), "--agents", "2", "--results_dir", "res"],
+                        tmp_path, env)
+    _, runs = wait_for_state(tmp_path / "res", lambda runs: sum(
+        e["state"] == "running" and "pid" in e for e in runs) == 2)
+    agent.kill()  # SIGKILL: the agent records nothing more
+    agent.communicate(timeout=30)
+    orphans = [e for e in runs if e["state"] == "running"]
+    assert all(alive(e["pid"]) for e in orphans)
+    return {e["config"]["weight_bits"]: e for e in orphans}
+
+
+def test_kill_9_of_the_agent_then_the_same_command_runs_nothing_twice(tmp_path, env):
+    # W8 ends before the agent is run again: its row is kept. W6 is still running then (held
+    # by a file): the new agent waits for it. W4 and W2 are run by the new agent.
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "8").touch()
+    (hold / "6").touch()
+    yaml_path = write_yaml(tmp_path / "grid.yaml", {
+        "weight_bits": {"values": [8, 6, 4, 2]}, "activation_bits": {"value": 8},
+        "hold_dir": {"value": str(hold)}})
+    by_bits = kill_agent_with_two_runs_going(tmp_path, env, yaml_path)
+    assert set(by_bits) == {8, 6}
+    (hold / "8").unlink()
+    wait_until_gone([by_bits[8]["pid"]])
+    assert alive(by_bits[6]["pid"])
+
+    args = ["--sweep", str(yaml_path), "--agents", "2", "--results_dir", "res"]
+    again = start_agent(args, tmp_path, env)
+    wait_for_state(tmp_path / "res", lambda runs: any(
+        e["run_id"] == by_bits[6]["run_id"] and e.get("adopted") for e in runs))
+    (hold / "6").unlink()  # now W6 may end
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert "1 runs finished before, 1 still running from an agent that is gone" in out
+    assert f"run {by_bits[6]['run_id']} (adopted) finished" in out
+    # Every configuration evaluated once, one row each, and that row is the one run's.
+    assert evaluations(tmp_path) == sorted(GRID4)
+    sweep_dir = only_sweep_dir(tmp_path / "res")
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    assert sorted(zip(table["weight_bits"], table["activation_bits"])) == sorted(GRID4)
+    assert set(table["status"]) == {"finished"} and table["run_id"].is_unique
+    assert {by_bits[8]["run_id"], by_bits[6]["run_id"]} <= set(table["run_id"])
+    state = json.loads((sweep_dir / "agent_state.json").read_text())
+    assert sorted(e["state"] for e in state["runs"]) == ["finished"] * 4
+    assert len(offline_runs(tmp_path)) == 4
+
+
+def test_runs_that_died_with_their_agent_are_run_again_once(tmp_path, env):
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "8").touch()
+    (hold / "6").touch()
+    yaml_path = write_yaml(tmp_path / "grid.yaml", {
+        "weight_bits": {"values": [8, 6, 4, 2]}, "activation_bits": {"value": 8},
+        "hold_dir": {"value": str(hold)}})
+    orphans = list(kill_agent_with_two_runs_going(tmp_path, env, yaml_path).values())
+    for entry in orphans:  # the runs die too (an OOM killer, a reboot)
+        os.killpg(entry["pid"], signal.SIGKILL)
+    wait_until_gone([e["pid"] for e in orphans])
+    for path in hold.iterdir():
+        path.unlink()
+
+    again = sweep(["--sweep", str(yaml_path), "--agents", "2", "--results_dir", "res"],
+                  tmp_path, env)
+    assert again.returncode == 0, again.stderr
+    assert evaluations(tmp_path) == sorted(GRID4)
+    sweep_dir = only_sweep_dir(tmp_path / "res")
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    assert sorted(zip(table["weight_bits"], table["activation_bits"])) == sorted(GRID4)
+    assert set(table["status"]) == {"finished"}
+    state = json.loads((sweep_dir / "agent_state.json").read_text())
+    killed = [e for e in state["runs"] if e["state"] == "killed"]
+    assert {e["run_id"] for e in killed} == {e["run_id"] for e in orphans}
+    assert sorted(e["state"] for e in state["runs"]) == ["finished"] * 4 + ["killed"] * 2
+
+
+# --- where the results go, and faults --------------------------------------------------------
+
+
+def test_results_dir_set_in_the_sweep_yaml_gets_the_state_and_the_report(tmp_path, env):
+    yaml_path = write_yaml(tmp_path / "grid.yaml", {
+        "weight_bits": {"values": [8, 4]}, "activation_bits": {"value": 8},
+        "results_dir": {"value": "res_yaml"}})
+    out = sweep(["--sweep", str(yaml_path)], tmp_path, env)
+    assert out.returncode == 0, out.stderr
+    sweep_dir = only_sweep_dir(tmp_path / "res_yaml")
+    assert len(pd.read_csv(sweep_dir / "runs.csv")) == 2
+    for name in ("agent_state.json", "summary.md", "pareto.png"):
+        assert (sweep_dir / name).exists(), name
+    assert "2 finished runs" in (sweep_dir / "summary.md").read_text()
+    assert not (tmp_path / "results").exists()
+    # --results_dir cannot move runs the yaml sends elsewhere: the agent follows the yaml.
+    again = sweep(["--sweep", str(yaml_path), "--results_dir", "elsewhere"], tmp_path, env)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout and "using it instead of --results_dir" in again.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def one_finished_row(tmp_path, yaml_path):
+    """The results of a 2-run sweep whose W8 run finished: (sweep dir, runs.csv path)."""
+    from mobilenet_compression import agent, results
+
+    sweep_id = agent.sweep_id_for(yaml.safe_load(yaml_path.read_text()))
+    results.append_run(tmp_path / "res", sweep_id, {
+        "run_id": "done0001", "weight_bits": 8, "activation_bits": 8, "quant_acc": 85.0},
+        params={"weight_bits": 8, "activation_bits": 8})
+    sweep_dir = tmp_path / "res" / sweep_id
+    return sweep_dir, sweep_dir / "runs.csv"
+
+
+def assert_one_error_line(out, message):
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+    return errors[0]
+
+
+def test_agent_state_that_is_not_json_is_one_error_and_runs_csv_brings_the_sweep_back(
+        tmp_path, env):
+    yaml_path = write_yaml(tmp_path / "grid.yaml", {
+        "weight_bits": {"values": [8, 4]}, "activation_bits": {"value": 8}})
+    sweep_dir, csv_path = one_finished_row(tmp_path, yaml_path)
+    state = sweep_dir / "agent_state.json"
+    state.write_text('{"runs": [{"run_id": "done0001", "sta')  # cut short
+    before = {p: p.read_bytes() for p in (state, csv_path)}
+    out = sweep(["--sweep", str(yaml_path), "--results_dir", "res"], tmp_path, env)
+    assert_one_error_line(out, "agent_state.json is not valid JSON")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in before} == before
+    assert offline_runs(tmp_path) == []
+
+    # As the message says: move it away and run again. W8 finished (runs.csv says so): only
+    # W4 runs.
+    state.rename(tmp_path / "agent_state.json.bad")
+    again = sweep(["--sweep", str(yaml_path), "--results_dir", "res"], tmp_path, env)
+    assert again.returncode == 0, again.stderr
+    assert evaluations(tmp_path) == [(4, 8)]
+    table = pd.read_csv(csv_path)
+    assert sorted(table["weight_bits"]) == [4, 8] and "done0001" in set(table["run_id"])
+
+
+def test_truncated_runs_csv_is_one_error_and_left_as_it_is(tmp_path, env):
+    yaml_path = write_yaml(tmp_path / "grid.yaml", {
+        "weight_bits": {"values": [8, 4]}, "activation_bits": {"value": 8}})
+    sweep_dir, csv_path = one_finished_row(tmp_path, yaml_path)
+    csv_path.write_bytes(csv_path.read_bytes()[:-9])  # a crash in the middle of the last row
+    before = csv_path.read_bytes()
+    out = sweep(["--sweep", str(yaml_path), "--results_dir", "res"], tmp_path, env)
+    assert_one_error_line(out, "runs.csv is damaged: its last line (2) is cut off")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert csv_path.read_bytes() == before
+    assert not (sweep_dir / "agent_state.json").exists() and offline_runs(tmp_path) == []
+
+
+def _can_create(directory):
+    try:
+        (directory / "probe").touch()
+    except OSError:
+        return False
+    (directory / "probe").unlink()
+    return True
+
+
+def make_unwritable(directory):
+    """Make `directory` refuse new files, root included (chmod does not bind root; the ext4
+    immutable flag does). Returns how to undo it, or None where neither works here."""
+    os.chmod(directory, 0o555)
+    if not _can_create(directory):
+        return lambda: os.chmod(directory, 0o755)
+    chattr = subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+    if chattr.returncode == 0 and not _can_create(directory):
+        def undo():
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+            os.chmod(directory, 0o755)
+        return undo
+    os.chmod(directory, 0o755)
+    return None
+
+
+def test_results_dir_that_becomes_unwritable_mid_sweep_is_one_error_and_loses_nothing(
+        tmp_path, env):
+    probe = tmp_path / "probe-dir"
+    probe.mkdir()
+    undo = make_unwritable(probe)
+    if undo is None:
+        pytest.skip("cannot make a directory unwritable here (root, and no chattr +i)")
+    undo()
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "6").touch()
+    yaml_path = write_yaml(tmp_path / "grid.yaml", {
+        "weight_bits": {"values": [8, 6, 4]}, "activation_bits": {"value": 8},
+        "hold_dir": {"value": str(hold)}})
+    args = ["--sweep", str(yaml_path), "--results_dir", "res"]
+    agent = start_agent(args, tmp_path, env)
+    state_path, runs = wait_for_state(tmp_path / "res", lambda runs: [
+        (e["config"]["weight_bits"], e["state"]) for e in runs] == [(8, "finished"),
+                                                                     (6, "running")])
+    sweep_dir = state_path.parent
+    before = (sweep_dir / "runs.csv").read_bytes()
+    undo = make_unwritable(sweep_dir)
+    try:
+        (hold / "6").unlink()  # W6 ends now, and nothing can be written where results go
+        out, err = agent.communicate(timeout=60)
+    finally:
+        undo()
+    result = subprocess.CompletedProcess(agent.args, agent.returncode, out, err)
+    assert_one_error_line(result, "cannot write the sweep's state")
+    assert "run the same command again to resume" in err
+    assert (sweep_dir / "runs.csv").read_bytes() == before  # W8's row, untouched
+
+    # Writable again: the same command resumes, W6 is run again, W8 is not.
+    again = sweep(args, tmp_path, env)
+    assert again.returncode == 0, again.stderr
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    assert sorted(table["weight_bits"]) == [4, 6, 8] and set(table["status"]) == {"finished"}
+    assert evaluations(tmp_path).count((8, 8)) == 1
+
+
+def test_runs_share_the_cores(tmp_path, monkeypatch):
+    from mobilenet_compression import agent
+
+    config = {"program": "standin.py", "method": "grid", "parameters": {}}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = agent.run_environment(config, "swp", tmp_path, str(tmp_path), agents=2)
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert "OMP_NUM_THREADS" not in agent.run_environment(config, "swp", tmp_path,
+                                                          str(tmp_path), agents=1)
+    env = agent.run_environment(config, "swp", tmp_path, str(tmp_path), agents=2, threads=3)
+    assert env["OMP_NUM_THREADS"] == "3"  # --threads wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # so does the user's own setting
+    assert agent.run_environment(config, "swp", tmp_path, str(tmp_path),
+                                 agents=2)["OMP_NUM_THREADS"] == "1"

@@ -1,11 +1,24 @@
 """The real torchvision loaders on data in the real on-disk formats, and the batch loader."""
 
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torchvision import datasets
 
-from mobilenet_compression.data import BatchLoader, dataset_info, load_dataset
+from mobilenet_compression.data import (
+    DEBIAN_FASHION_MNIST,
+    BatchLoader,
+    dataset_info,
+    load_dataset,
+)
 from mobilenet_compression.errors import UserError
 from tests.cifar_format import checksums_for, write_cifar
 
@@ -60,6 +73,47 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
     assert train.images.shape[1:] == (1, 28, 28) and len(train) + len(val) == 60000
     assert len(test) == 10000 and set(test.labels.unique().tolist()) == set(range(10))
     assert (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+STAGE_AT_ONCE = """
+import os, sys, time
+from mobilenet_compression import data
+data_dir, ready, go = sys.argv[1:]
+open(ready, "w").close()
+while not os.path.exists(go):  # every process has imported torch: start together
+    time.sleep(0.001)
+info, train, val, test = data.load_dataset("fashion-mnist", data_dir)
+print(len(train) + len(val), len(test))
+"""
+
+
+def test_processes_staging_fashion_mnist_at_once_all_succeed(tmp_path):
+    """K runs of a sweep starting together in a fresh directory all stage the dataset at once;
+    with one shared `.part` name one of them died with FileNotFoundError on the rename."""
+    if not os.path.isdir(DEBIAN_FASHION_MNIST):
+        pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    data_dir, go = tmp_path / "data", tmp_path / "go"
+    ready = [tmp_path / f"ready-{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", STAGE_AT_ONCE, str(data_dir), str(r),
+                               str(go)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in ready]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        assert out.split() == ["60000", "10000"]
+    raw = data_dir / "FashionMNIST" / "raw"
+    names = sorted(name[:-3] for name, _ in datasets.FashionMNIST.resources)
+    assert sorted(os.listdir(raw)) == names  # no temporary file left behind
+    for name in names:  # each file whole: the bytes of Debian's file, unpacked
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name + ".gz"), "rb") as f:
+            want = hashlib.sha256(f.read()).hexdigest()
+        assert hashlib.sha256((raw / name).read_bytes()).hexdigest() == want, name
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path):

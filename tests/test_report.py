@@ -2,6 +2,7 @@
 (`python sweep.py --report DIR`). Nothing is mocked: real files, real subprocesses."""
 
 import concurrent.futures
+import json
 import os
 import re
 import subprocess
@@ -86,6 +87,75 @@ def test_append_run_to_an_unwritable_place_is_a_user_error(tmp_path):
         results.append_run(tmp_path / "taken", "swp", {"run_id": "a"})
     with pytest.raises(ValueError, match="run_id"):
         results.append_run(tmp_path, "swp", {"quant_acc": 1.0})
+
+
+def test_a_retried_configuration_replaces_its_row_and_never_a_finished_one(tmp_path):
+    w4 = {"weight_bits": 4, "activation_bits": 8}
+    results.append_run(tmp_path, "swp1", {"run_id": "a1", "status": "failed", "exit_code": 1},
+                       params=w4)
+    results.append_run(tmp_path, "swp1", {"run_id": "b1", "quant_acc": 80.0},
+                       params={"weight_bits": 8, "activation_bits": 8})
+    # The retry of W4A8 finishes: its row takes the failed one's place.
+    results.append_run(tmp_path, "swp1", {"run_id": "a2", "quant_acc": 75.0, **w4}, params=w4)
+    table = results.read_runs(tmp_path / "swp1")
+    assert table["run_id"].tolist() == ["a2", "b1"]
+    assert table.iloc[0]["status"] == "finished" and "exit_code" not in table.dropna(
+        axis=1).columns  # nothing of the failed run's row is left in it
+    # A later run of W4A8 that is killed does not replace the finished result.
+    results.append_run(tmp_path, "swp1", {"run_id": "a3", "status": "killed"}, params=w4)
+    assert results.read_runs(tmp_path / "swp1")["run_id"].tolist() == ["a2", "b1"]
+    # The same run id updates its own row, and the parameters are kept as given, as JSON.
+    results.append_run(tmp_path, "swp1", {"run_id": "b1", "exit_code": 0})
+    rows = results.read_rows(tmp_path / "swp1" / "runs.csv")
+    assert [r["run_id"] for r in rows] == ["a2", "b1"]
+    assert json.loads(rows[0]["sweep_params"]) == w4
+
+
+def test_inside_a_sweep_the_parameters_come_from_the_agents_config_file(tmp_path,
+                                                                          monkeypatch):
+    # What `wandb agent` gives a run: WANDB_SWEEP_ID and the config file it names.
+    for run_id, bits, status in (("r1", 4, "killed"), ("r2", 2, "finished"),
+                                 ("r3", 4, "finished")):
+        param_file = tmp_path / f"config-{run_id}.yaml"
+        param_file.write_text(f"weight_bits:\n  value: {bits}\ncalibration:\n  value: mse\n")
+        monkeypatch.setenv("WANDB_SWEEP_ID", "swp2")
+        monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(param_file))
+        results.append_run(tmp_path, "swp2", {"run_id": run_id, "status": status,
+                                              "weight_bits": bits})
+    rows = results.read_rows(tmp_path / "swp2" / "runs.csv")
+    assert [(r["run_id"], r["status"]) for r in rows] == [("r3", "finished"),
+                                                           ("r2", "finished")]
+    assert json.loads(rows[0]["sweep_params"]) == {"weight_bits": 4, "calibration": "mse"}
+    # Another sweep's id in the environment: its file says nothing about this table.
+    monkeypatch.setenv("WANDB_SWEEP_ID", "other")
+    results.append_run(tmp_path, "swp2", {"run_id": "r4", "weight_bits": 4})
+    assert [r["run_id"] for r in results.read_rows(tmp_path / "swp2" / "runs.csv")] == [
+        "r3", "r2", "r4"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[:-7], "last line (3) is cut off"),
+    (lambda text: text.replace("\n", ",9,9\n", 2).replace(",9,9\n", "\n", 1),
+     "line 2 has more cells"),
+    (lambda text: text[:text.rindex("\n", 0, -1) + 1] + "c\n", "line 3 has fewer cells"),
+])
+def test_a_damaged_runs_csv_is_one_error_and_never_written_over(tmp_path, damage, message):
+    for run_id, acc in (("a", 70.0), ("b", 80.0)):
+        results.append_run(tmp_path, "swp", {"run_id": run_id, "quant_acc": acc,
+                                             "weight_bits": 8})
+    path = tmp_path / "swp" / "runs.csv"
+    path.write_text(damage(path.read_text()))
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=re.escape(message)):
+        results.append_run(tmp_path, "swp", {"run_id": "c", "quant_acc": 90.0})
+    with pytest.raises(UserError, match="is damaged"):
+        results.read_runs(path)
+    out = sweep_py(["--report", str(path.parent)], tmp_path)
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path} is damaged: ") and message in line
+    assert path.read_bytes() == before
+    assert not (path.parent / "summary.md").exists()
 
 
 # --- report ---------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ QUICK = ["--max_eval_samples", "300", "--calib_batches", "2"]
 
 def env_for(tmp, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp), **extra)
+    # One thread per process: on 2 shared cores, two spinning OpenMP threads made training
+    # ~20x slower (13 against 253 images/s), and one thread is bit-reproducible on a machine.
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp),
+               OMP_NUM_THREADS="1", **extra)
     return env
 
 
@@ -35,17 +38,28 @@ def summary_of(run_dir):
     return json.loads(out)
 
 
+# The fixture's model must be well clear of chance on any machine, or no quantization changes
+# its accuracy and the tests below prove nothing: 1 epoch on 1,000 images ended at val_acc 8.00
+# on one CPU and 11.67 on another. 2 epochs on 4,000 images gave 70-75% for seeds 1, 7, 42, 123
+# (about 30 s on one thread).
+TRAIN_RECIPE = ["--width_multiplier", "0.25", "--epochs", "2", "--max_train_samples", "4000",
+                "--max_eval_samples", "500", "--batch_size", "64", "--lr", "0.05"]
+MIN_VAL_ACC = 50.0  # chance is 10%
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "fashion-mnist",
-         "--data_dir", str(tmp / "data"), "--width_multiplier", "0.25", "--epochs", "1",
-         "--max_train_samples", "1000", "--max_eval_samples", "300", "--batch_size", "64",
-         "--lr", "0.05", "--checkpoint_dir", str(tmp / "ck"), "--wandb_mode", "disabled"],
-        cwd=tmp, capture_output=True, text=True)
+         "--data_dir", str(tmp / "data"), *TRAIN_RECIPE, "--checkpoint_dir", str(tmp / "ck"),
+         "--wandb_mode", "disabled"],
+        cwd=tmp, env=env_for(tmp), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    return tmp / "ck" / "best.pt"
+    path = tmp / "ck" / "best.pt"
+    val_acc = torch.load(path, weights_only=True)["val_acc"]
+    assert val_acc >= MIN_VAL_ACC, f"the fixture trained to val_acc {val_acc:.2f} only"
+    return path
 
 
 DESIGN_KEYS = ("weight_bits", "activation_bits", "baseline_acc", "quant_acc", "acc_drop",
@@ -103,17 +117,23 @@ def test_offline_sweep_2x2_with_two_agents_then_resume_adds_nothing(tmp_path, ch
         "metric": {"name": "quant_acc", "goal": "maximize"},
         "parameters": {"weight_bits": {"values": [8, 2]}, "activation_bits": {"values": [8, 2]},
                        "checkpoint": {"value": str(checkpoint)},
-                       "max_eval_samples": {"value": 300}, "calib_batches": {"value": 2}},
+                       "max_eval_samples": {"value": 300}, "calib_batches": {"value": 2},
+                       # The runs write here; the agent must find them here for the report.
+                       "results_dir": {"value": str(tmp_path / "res")}},
         "command": ["${env}", "${interpreter}", "${program}", "${args}"],
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    args = ["--sweep", str(path), "--agents", "2", "--results_dir", str(tmp_path / "res")]
+    args = ["--sweep", str(path), "--agents", "2"]
     r = sweep_py(args, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     (out,) = [p for p in (tmp_path / "res").iterdir() if p.is_dir()]
     rows = pd.read_csv(out / "runs.csv")
     assert len(rows) == 4 and set(rows.status) == {"finished"}
+    # Each row knows the configuration the sweep gave it (what a retry's row replaces).
+    params = [json.loads(p) for p in rows.sweep_params]
+    assert sorted((p["weight_bits"], p["activation_bits"]) for p in params) == sorted(
+        zip(rows.weight_bits, rows.activation_bits))
     assert set(zip(rows.weight_bits, rows.activation_bits)) == {(8, 8), (8, 2), (2, 8), (2, 2)}
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 4
@@ -168,3 +188,68 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, checkpoint, c
     lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("wandb:")]
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "res").exists()
+
+
+INIT_IN_SWEEP = """
+from mobilenet_compression import tracking
+run = tracking.init_run("offline", "quantize", {"weight_bits": 4})
+print("project:", run.project)
+run.finish()
+"""
+
+
+def test_a_run_inside_a_sweep_passes_no_project_to_wandb(tmp_path):
+    # wandb ignores wandb.init(project=...) inside a sweep and warned on every run; the sweep's
+    # project (WANDB_PROJECT, which `wandb agent` and the offline agent set) is used instead.
+    env = {k: v for k, v in env_for(tmp_path).items() if k != "WANDB_SILENT"}
+    env.update(WANDB_SWEEP_ID="swp00001", WANDB_PROJECT="sweep-project",
+               PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", INIT_IN_SWEEP], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "project: sweep-project" in r.stdout
+    assert "Ignoring project" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sweep.py", ["--checkpoint", "checkpoints/best.pt", "--weight_bits", "4"]),
+    ("sweep.py", ["--sweep", "sweeps/bits.yaml"]),
+    ("train.py", ["--epochs", "1"]),
+])
+def test_python_without_the_requirements_names_the_virtualenv(tmp_path, script, args):
+    # `wandb agent` runs `python` from PATH; one without the requirements (here: this one with
+    # -S, which hides its site-packages) must say which environment to activate, in one line.
+    r = subprocess.run([sys.executable, "-S", os.path.join(ROOT, script), *args], cwd=ROOT,
+                       env=env_for(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "no module named" in line
+    venv = subprocess.run(["make", "-s", "venv-path"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert f"source {venv}/bin/activate" in line and "make setup" in line
+
+
+def test_set_threads_takes_the_flag_then_omp_num_threads(monkeypatch):
+    import argparse
+
+    from mobilenet_compression import threads
+    from mobilenet_compression.errors import UserError
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert threads.set_threads() == 1 == torch.get_num_threads()
+        assert threads.set_threads(2) == 2 == torch.get_num_threads()  # --threads wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert threads.set_threads() == 2  # neither: torch's count is left as it is
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(UserError, match="--threads must be a positive integer"):
+                threads.set_threads(bad)
+        monkeypatch.setenv("OMP_NUM_THREADS", "many")
+        with pytest.raises(UserError, match="OMP_NUM_THREADS must be a positive integer"):
+            threads.set_threads()
+    finally:
+        torch.set_num_threads(before)
+    parser = threads.add_argument(argparse.ArgumentParser())
+    assert parser.parse_args(["--threads", "3"]).threads == 3
+    assert parser.parse_args([]).threads is None
