@@ -36,7 +36,7 @@ import uuid
 import torch
 from filelock import FileLock
 
-from . import bitops, results
+from . import bitops, results, threads
 from .checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
 from .config import (
     CALIBRATION_METHODS,
@@ -118,8 +118,7 @@ def get_args_parser():
                    help="seed of the calibration sampling and of QAT (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: $OMP_NUM_THREADS, else torch's)")
+    threads.add_argument(p)
     p.add_argument("--wandb_mode", default=None, choices=WANDB_MODES,
                    help="W&B mode (default: $WANDB_MODE, else online; offline by itself "
                         "without credentials)")
@@ -252,8 +251,7 @@ def load_run_data(config, ckpt, device):
 
 def quantize_and_measure(config, run, loaded, progress):
     """prepare -> calibrate [-> bias_correct] [-> train] -> convert -> measure -> log."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads.set_threads(config.threads)
     ckpt, fp32 = loaded
     device = resolve_device(config.device)
     progress.start("load")

@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
+from . import threads
 from .data import DATASETS, BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import evaluate
@@ -70,6 +71,7 @@ def get_args_parser(add_help=True):
                    help="continue the run in --checkpoint_dir from last.pt")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
+    threads.add_argument(p)
     p.add_argument("--wandb_mode", default=None, choices=WANDB_MODES,
                    help="W&B mode (default: $WANDB_MODE, else online; offline by itself "
                         "when there are no W&B credentials)")
@@ -173,6 +175,7 @@ def resolve_device(name):
 
 def main(args):
     check_args(args)
+    threads.set_threads(args.threads)
     prepare_checkpoint_dir(args.checkpoint_dir, args.resume)
     last_path = os.path.join(args.checkpoint_dir, "last.pt")
     best_path = os.path.join(args.checkpoint_dir, "best.pt")
