@@ -141,7 +141,12 @@ def baseline_accuracy(model, loader, cache_dir, key):
     try:
         os.makedirs(cache_dir, exist_ok=True)
         with FileLock(os.path.join(cache_dir, ".baseline_acc.json.lock"), timeout=600):
-            cache = json.load(open(path)) if os.path.exists(path) else {}
+            cache = {}
+            if os.path.exists(path):
+                try:
+                    cache = json.loads(open(path).read())
+                except ValueError:  # a cache, not a result: measure again and rewrite it
+                    print(f"{path} is not valid JSON; measuring the baseline again.")
             if key not in cache:
                 cache[key] = evaluate(model, loader)
                 atomic_write(path, lambda f: f.write(json.dumps(cache, indent=1).encode()))
@@ -196,6 +201,8 @@ def run_quantization(argv=None):
             if run is not None:
                 config = RunConfig.from_dict({**flags, **dict(run.config)})
                 run.config.update(dataclasses.asdict(config), allow_val_change=True)
+            elif config is None:  # a sweep's run with W&B disabled: the flags are all
+                config = RunConfig.from_dict(flags)
             loaded = loaded or load_model(config.checkpoint)
             metrics = quantize_and_measure(config, run, loaded, progress)
         except Stopped as stop:
@@ -215,7 +222,8 @@ def record_stopped(config, run, progress, signum):
     measured) and exit code, and a `killed` row in runs.csv."""
     import signal
 
-    done = {"status": KILLED, "stopped_by": signal.Signals(signum).name,
+    done = {"status": KILLED, "exit_code": 128 + signum,
+            "stopped_by": signal.Signals(signum).name,
             "stopped_in": progress.stage, **progress.done}
     print(f"stopped by {done['stopped_by']} in stage {progress.stage}; recorded as killed",
           file=sys.stderr)
