@@ -57,8 +57,8 @@ def split_runs(df):
 
 def sort_runs(df):
     """Seed 004's order: weight bits, then activation bits, highest first."""
-    keys = [c for c in ("weight_bits", "activation_bits", "calibration") if c in df.columns]
-    return df.sort_values(keys, ascending=[c == "calibration" for c in keys]) if keys else df
+    keys = [c for c in ("weight_bits", "activation_bits", *CATEGORIES) if c in df.columns]
+    return df.sort_values(keys, ascending=[c in CATEGORIES for c in keys]) if keys else df
 
 
 def pareto_front(cost, gain):
@@ -77,12 +77,24 @@ def pareto_front(cost, gain):
     return mask
 
 
-def run_label(row, with_calibration=False):
+# Run parameters that are categories rather than numbers: where one varies in a sweep it gets
+# a column in summary.md, a word in the run labels and a categorical parallel-coordinates axis.
+CATEGORIES = ("method", "calibration", "bias_correction")
+
+
+def varying_categories(df):
+    return [c for c in CATEGORIES if _varies(df, c)]
+
+
+def run_label(row, categories=()):
     if "weight_bits" not in row or "activation_bits" not in row:
         return str(row["run_id"])  # a sweep of something else than bits
-    label = f"W{int(row['weight_bits'])}A{int(row['activation_bits'])}"
-    if with_calibration:
-        label += f" {row['calibration']}"
+    label = f"W{row['weight_bits']:g}A{row['activation_bits']:g}"
+    for c in categories:
+        if c == "bias_correction":
+            label += " +BC" if str(row[c]) == "True" else ""
+        else:
+            label += f" {row[c]}"
     return label
 
 
@@ -91,7 +103,7 @@ def _varies(df, column):
 
 
 def _config_columns(df):
-    return [c for c in ("weight_bits", "activation_bits", "calibration", "checkpoint")
+    return [c for c in ("weight_bits", "activation_bits", *CATEGORIES, "checkpoint")
             if c in df.columns]
 
 
@@ -135,10 +147,10 @@ def summary_markdown(df, source):
     facts.append(f"{len(done)} finished runs" + (f", {len(other)} failed" if len(other) else ""))
     lines += ["From " + " · ".join(facts) + f" (`{source}`).", ""]
 
-    calib = _varies(done, "calibration")
+    categories = varying_categories(done)
     columns = [("W_bits", "weight_bits", 0), ("A_bits", "activation_bits", 0)]
-    if calib:
-        columns.append(("Calib", "calibration", None))
+    columns += [({"calibration": "Calib", "method": "Method", "bias_correction": "Bias corr."}[c],
+                 c, None) for c in categories]
     columns += [("Accuracy", "quant_acc", 2), ("Drop", "acc_drop", 2), ("Orig_MB", "orig_mb", 2),
                 ("Comp_MB", "compressed_mb", 3), ("Ratio", "compression_ratio", 2),
                 ("BitOps (G)", "bitops", 2)]
@@ -158,7 +170,7 @@ def summary_markdown(df, source):
                   "MACs x weight bits x activation bits per image (FP32 layers at 32 x 32).", ""]
         if "quant_acc" in done.columns:
             best = done.loc[done["quant_acc"].idxmax()]
-            lines += [f"Best accuracy: {run_label(best, calib)} at "
+            lines += [f"Best accuracy: {run_label(best, categories)} at "
                       f"{best['quant_acc']:.2f}%.", ""]
     else:
         lines += ["No run finished, so there is no table and no plot.", ""]
@@ -192,17 +204,16 @@ def _axis_values(df, axis):
 
 def _panel_axes(df):
     """The parallel-coordinates axes this table has, as (label, values, ticks): ticks are
-    [(value, text)] for discrete axes, None where the axis' scale picks them. A calibration
-    sweep gets a calibration axis, its methods as categories."""
+    [(value, text)] for discrete axes, None where the axis' scale picks them. A run parameter
+    that is a category (calibration, method, bias correction) and varies gets its own axis."""
     import numpy as np
 
     names = [a for a in AXES if a in df.columns and df[a].notna().all()]
-    if _varies(df, "calibration"):
-        names.insert(names.index("activation_bits") + 1 if "activation_bits" in names else 0,
-                     "calibration")
+    at = names.index("activation_bits") + 1 if "activation_bits" in names else 0
+    names[at:at] = varying_categories(df)
     axes = []
     for name in names:
-        if name == "calibration":
+        if name in CATEGORIES:
             methods = sorted(df[name].astype(str).unique())
             values = df[name].astype(str).map(methods.index).to_numpy(float)
             ticks = list(enumerate(methods))
@@ -348,10 +359,10 @@ def plot_pareto(df, path):
               if c in df.columns and df[c].notna().all()]
     if not panels:
         return None
-    calib = _varies(df, "calibration")
+    categories = varying_categories(df)
     fig, axs = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
     acc = df["quant_acc"].astype(float).to_numpy()
-    labels = [run_label(r, calib) for _, r in df.iterrows()]
+    labels = [run_label(r, categories) for _, r in df.iterrows()]
     for ax, (column, title) in zip(axs[0], panels):
         cost = _axis_values(df, column).to_numpy()
         front = pareto_front(cost, acc)

@@ -227,3 +227,17 @@ def test_report_of_a_directory_without_runs_csv_is_one_clear_error(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"error: no runs.csv in {tmp_path / 'nowhere'}; pass the directory a sweep wrote its "
         f"results to, e.g. results/<sweep_id>"]
+
+
+def test_report_of_a_method_sweep_has_a_method_column_axis_and_labels(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, "qat", failed=())
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    table["method"] = np.where(table.index % 2, "qat", "ptq")
+    table.loc[table["method"] == "qat", "quant_acc"] = 99.0
+    table.to_csv(sweep_dir / "runs.csv", index=False)
+    report.write_report(sweep_dir)
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "| W_bits | A_bits | Method | Accuracy |" in summary
+    assert re.search(r"Best accuracy: W\d+A\d+ qat at 99\.00%", summary), summary
+    html = (sweep_dir / "parallel_coordinates.html").read_text().replace(" ", "")
+    assert '"label":"method"' in html and '"ticktext":["ptq","qat"]' in html
