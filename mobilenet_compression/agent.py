@@ -43,6 +43,7 @@ from pathlib import Path
 
 from mobilenet_compression import results
 from mobilenet_compression.errors import ArgumentParser, UserError, cli
+from mobilenet_compression.files import atomic_write
 
 METHODS = ("grid", "random", "bayes")
 STATE_FILE = "agent_state.json"
@@ -196,17 +197,8 @@ def _read_state(path):
 
 
 def _write_state(path, state):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(_plain(state), indent=1, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers never see half a file
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    text = json.dumps(_plain(state), indent=1, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))  # readers never see half a file
 
 
 def _update_state(path, change):

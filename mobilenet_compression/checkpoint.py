@@ -9,34 +9,17 @@ Later commands need only the checkpoint's path: the model is rebuilt from the me
 """
 
 import os
-import tempfile
 
 import torch
 
 from .errors import UserError
+from .files import atomic_write
 from .model import build_model
 
 FORMAT = "mobilenet-compression/checkpoint-v1"
 METADATA_KEYS = (
     "arch", "dataset", "num_classes", "in_channels", "input_size", "width_multiplier", "seed",
 )
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temporary file in the same folder, then rename it to `path`: a
-    crash or Ctrl-C mid-write never leaves a truncated file where a good one was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_save(obj, path):

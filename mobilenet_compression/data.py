@@ -10,7 +10,6 @@ import gzip
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 
 from .errors import UserError
+from .files import atomic_write
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 # The validation split is drawn with its own fixed seed, so changing --seed changes the
@@ -109,17 +109,8 @@ def _stage_fashion_mnist(data_dir):
         target = os.path.join(raw, n[:-3])
         if os.path.exists(target):
             continue
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{n[:-3]}.", suffix=".part")
-        try:
-            with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n), "rb") as src, \
-                    os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the dataset is not
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n), "rb") as src:
+            atomic_write(target, lambda dst: shutil.copyfileobj(src, dst))
 
 
 def _torchvision_dataset(info, data_dir, train):

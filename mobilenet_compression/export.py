@@ -42,7 +42,7 @@ import struct
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .errors import UserError
 from .model import build_model
 from .quantization import (

@@ -28,12 +28,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from mobilenet_compression.errors import UserError
+from mobilenet_compression.files import atomic_write
 
 # Where runs write their rows when no --results_dir is given. The offline agent sets it for
 # the runs it launches so that `--results_dir` reaches them without becoming a sweep parameter.
@@ -167,31 +167,16 @@ def _finished(row):
     return (row.get("status") or FINISHED) == FINISHED
 
 
-def _file_mode():
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
-
-
 def _write_rows(path, rows):
     columns = _ordered(list(dict.fromkeys(k for row in rows for k in row)))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".runs-", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes it private; a results table is not
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f):
+        text = io.TextIOWrapper(f, newline="", encoding="utf-8", write_through=True)
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        text.detach()  # leave f open for atomic_write's fsync
+
+    atomic_write(path, write)
 
 
 def merge_row(rows, row, sweep_id, params=None):

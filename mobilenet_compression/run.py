@@ -37,7 +37,7 @@ import torch
 from filelock import FileLock
 
 from . import bitops, results, threads
-from .checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import (
     CALIBRATION_METHODS,
     METHODS,
@@ -49,6 +49,7 @@ from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
 from .export import compression_metrics, export_quantized, load_quantized
+from .files import atomic_write
 from .precision import mean_bits
 from .qat import train_qat
 from .quantization import bias_correct, calibrate, convert, precision_plan, quantize_model
