@@ -297,6 +297,7 @@ def quantize_and_measure(config, run, loaded, progress):
     convert(qmodel)
 
     progress.start("eval")
+    print(f"evaluating on {len(test)} test images", flush=True)
     t_eval = time.perf_counter()
     quant_acc = evaluate(qmodel, test_loader)
     eval_s = time.perf_counter() - t_eval

@@ -12,6 +12,7 @@ import time
 import pandas as pd
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from mobilenet_compression import bitops
@@ -217,6 +218,40 @@ def test_qat_run_stopped_by_sigterm_is_recorded_as_killed(tmp_path, small_checkp
     assert logged["state"] == "failed" and logged["exit_code"] == 128 + signal.SIGTERM
     assert summary["status"] == "killed" and summary["stopped_by"] == "SIGTERM"
     assert summary["baseline_acc"] > 50
+
+
+def test_agent_launched_run_stopped_mid_evaluation_leaves_a_failed_run_and_a_killed_row(
+        tmp_path, small_checkpoint):
+    """Launched as `wandb agent` launches a run (config file, three variables, no arguments),
+    then SIGTERM while it evaluates: what a second Ctrl-C to the agent does."""
+    param_path = tmp_path / "wandb" / "sweep-stop0001" / "config-stoprun1.yaml"
+    param_path.parent.mkdir(parents=True)
+    param_path.write_text(yaml.safe_dump({"weight_bits": {"value": 4},
+                                          "activation_bits": {"value": 8},
+                                          "checkpoint": {"value": str(small_checkpoint)},
+                                          "threads": {"value": 1},
+                                          "max_eval_samples": {"value": 2000},
+                                          "calib_batches": {"value": 2}}))
+    env = env_for(tmp_path, WANDB_SWEEP_ID="stop0001", WANDB_RUN_ID="stoprun1",
+                  WANDB_SWEEP_PARAM_PATH=str(param_path),
+                  MOBILENET_COMPRESSION_RESULTS_DIR=str(tmp_path / "res"))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            if line.startswith("evaluating on"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+    row = pd.read_csv(tmp_path / "res" / "stop0001" / "runs.csv").iloc[0]
+    assert (row.run_id, row.status, row.stopped_in) == ("stoprun1", "killed", "eval")
+    assert row.exit_code == 128 + signal.SIGTERM
+    logged = summary_of(next((tmp_path / "wandb").glob("offline-run-*")))
+    assert logged["state"] == "failed" and logged["summary"]["status"] == "killed"
 
 
 @pytest.mark.parametrize("flags,message", [
