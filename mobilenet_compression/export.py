@@ -190,6 +190,20 @@ def _json(table):
     return json.dumps(table, separators=(",", ":"))
 
 
+def _sorted_metadata(data):
+    """`data` (a serialized safetensors file) with its metadata keys in sorted order.
+    safetensors 0.8 writes "__metadata__" from a Rust HashMap, in an order that changes with
+    every save (safetensors issue #584; upstream PR #790 sorts it the same way), so the same
+    model gave a different file each time. Only the header changes: the tensor data and its
+    offsets, which count from the header's end, stay as safetensors wrote them."""
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
 def export_quantized(qmodel, path, metadata):
     """Write `qmodel` (quantized and calibrated) to `path` as safetensors, atomically; return
     the file size in bytes. `metadata` (strings and plain Python numbers, not numpy scalars)
@@ -205,7 +219,7 @@ def export_quantized(qmodel, path, metadata):
     rows, tensors = _layer_tensors(qmodel)
     tensors["batchnorm"], bn_table = _batchnorm_tensor(qmodel)
     tensors["fp32"], fp32_table = _fp32_tensor(qmodel)
-    data = safetensors.numpy.save(tensors, {
+    data = _sorted_metadata(safetensors.numpy.save(tensors, {
         "format": FORMAT,
         **{k: _text(k, v) for k, v in metadata.items()},
         "weight_granularity": _weight_granularity(qmodel),
@@ -213,7 +227,7 @@ def export_quantized(qmodel, path, metadata):
         "layers": _json(rows),
         "batchnorm": _json(bn_table),
         "fp32": _json(fp32_table),
-    })
+    }))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
     return os.path.getsize(path)
