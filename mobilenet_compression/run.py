@@ -271,7 +271,8 @@ def quantize_and_measure(config, run, loaded, progress):
     results_dir = config.results_dir or results.default_results_dir()
     out_dir = str(results.sweep_dir(results_dir, sweep_id))
     run_id = run.id if run is not None and run.id else uuid.uuid4().hex[:8]
-    key = f"{file_digest(config.checkpoint)[:16]}:{len(test)}:{device.type}"
+    checkpoint_sha256 = file_digest(config.checkpoint)
+    key = f"{checkpoint_sha256[:16]}:{len(test)}:{device.type}"
     progress.start("baseline")
     baseline_acc = baseline_accuracy(fp32, test_loader, out_dir, key)
     progress.done["baseline_acc"] = baseline_acc
@@ -305,8 +306,10 @@ def quantize_and_measure(config, run, loaded, progress):
 
     progress.start("export")
     model_path = os.path.join(out_dir, "models", f"{run_id}-w{config.weight_bits}"
-                              f"a{config.activation_bits}-{config.method}.mbq")
-    roundtrip = export_and_check(qmodel, ckpt, model_path, test, info, device)
+                              f"a{config.activation_bits}-{config.method}.safetensors")
+    roundtrip = export_and_check(qmodel, ckpt, model_path, test, info, device,
+                                 {"method": config.method,
+                                  "checkpoint_sha256": checkpoint_sha256})
     rows, totals = bitops.bitops_report(fp32, info.input_size, precision_plan(qmodel))
     size = compression_metrics(qmodel, ckpt["model"], model_path, info.input_size,
                                info.in_channels)
@@ -355,12 +358,14 @@ def plan_bits(rows):
     return {"weight_bits": wb, "activation_bits": ab}
 
 
-def export_and_check(qmodel, ckpt, model_path, test, info, device):
-    """Write the real file, load it back and return the largest logit difference on 256
-    test images (0.0 when the file holds exactly the model)."""
+def export_and_check(qmodel, ckpt, model_path, test, info, device, run_metadata):
+    """Write the real file (with the checkpoint's metadata and `run_metadata`), load it back
+    and return the largest logit difference on 256 test images (0.0 when the file holds
+    exactly the model)."""
     os.makedirs(os.path.dirname(model_path), exist_ok=True)
-    export_quantized(qmodel, model_path, {k: ckpt[k] for k in (
-        "arch", "dataset", "num_classes", "in_channels", "input_size", "width_multiplier")})
+    export_quantized(qmodel, model_path, {**{k: ckpt[k] for k in (
+        "arch", "dataset", "num_classes", "in_channels", "input_size", "width_multiplier")},
+        **run_metadata})
     probe = BatchLoader(test.head(256), info, 256, channels_last=True)
     reloaded = load_quantized(model_path).to(device)
     return float((predict(qmodel, probe)[0] - predict(reloaded, probe)[0]).abs().max())

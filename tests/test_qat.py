@@ -2,6 +2,7 @@
 real Fashion-MNIST (conftest.py), and QAT runs of sweep.py as real subprocesses with real
 wandb in offline mode (the one stand-in: offline mode for the W&B server)."""
 
+import hashlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from mobilenet_compression.checkpoint import FORMAT, atomic_save
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, evaluate
-from mobilenet_compression.export import load_quantized
+from mobilenet_compression.export import load_quantized, read_quantized
 from mobilenet_compression.model import build_model
 from mobilenet_compression.qat import train_qat
 from mobilenet_compression.quantization import (
@@ -174,8 +175,12 @@ def test_qat_run_logs_method_reloads_and_counts_bitops_from_its_plan(tmp_path,
     assert (row.method, row.status, bool(row.bias_correction)) == ("qat", "finished", True)
     assert row.roundtrip_max_abs_diff == 0.0  # the file reloads to the same logits
     assert row.qat_seconds > 0 and row.qat_steps >= 1
-    (model_file,) = (res / "runs" / "models").glob("*.mbq")
+    (model_file,) = (res / "runs" / "models").glob("*.safetensors")
     reloaded = load_quantized(str(model_file))
+    metadata, _ = read_quantized(str(model_file))  # the run and its source, in the file
+    assert metadata["method"] == "qat" and metadata["dataset"] == "fashion-mnist"
+    assert metadata["checkpoint_sha256"] == hashlib.sha256(
+        small_checkpoint.read_bytes()).hexdigest()
     fp32 = build_model("cifar", 10, SMALL_MODEL_RECIPE["width_multiplier"], 1)
     _, totals = bitops.bitops_report(fp32, 28, precision_plan(reloaded))
     assert row.bitops == totals["bitops"]

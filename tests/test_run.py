@@ -18,6 +18,6 @@ def test_same_configuration_gives_the_same_file_with_or_without_the_baseline_cac
     second = sweep_py(args, tmp_path)  # reads it from the cache
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert (res / "runs" / "baseline_acc.json").exists()
-    files = sorted((res / "runs" / "models").glob("*.mbq"))
+    files = sorted((res / "runs" / "models").glob("*.safetensors"))
     assert len(files) == 2
     assert files[0].read_bytes() == files[1].read_bytes()

@@ -79,8 +79,8 @@ def test_one_run_logs_design_metrics_and_a_real_file(tmp_path, checkpoint):
     rows = pd.read_csv(tmp_path / "res" / "runs" / "runs.csv")
     assert len(rows) == 1 and rows.run_id[0] == s["run_id"]
     row = rows.iloc[0]
-    (mbq,) = (tmp_path / "res" / "runs" / "models").glob("*.mbq")
-    assert row.compressed_mb == pytest.approx(os.path.getsize(mbq) / 2**20)
+    (model_file,) = (tmp_path / "res" / "runs" / "models").glob("*.safetensors")
+    assert row.compressed_mb == pytest.approx(os.path.getsize(model_file) / 2**20)
     assert row.compression_ratio == pytest.approx(row.orig_mb / row.compressed_mb)
     assert row.acc_drop == pytest.approx(row.baseline_acc - row.quant_acc)
     assert row.roundtrip_max_abs_diff == 0.0
