@@ -65,7 +65,7 @@ class RunConfig:
     weight_bits: int = 8
     activation_bits: int = 8
     method: str = "ptq"
-    calibration: str = "minmax"
+    calibration: str = "mse"
     calib_batches: int = 8
     calib_batch_size: int = 128
     weight_method: str = "minmax"
