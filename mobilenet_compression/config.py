@@ -70,7 +70,7 @@ class RunConfig:
     calib_batch_size: int = 128
     weight_method: str = "minmax"
     weight_granularity: str = "per_channel"
-    bias_correction: bool = False
+    bias_correction: bool = True
     qat_epochs: float = 1.0
     qat_lr: float = 0.01
     qat_batch_size: int = 128
