@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .precision import check_bits, is_fp32
+from .quantization import (  # the quantizers' own choices, named once there
+    CALIBRATION_METHODS,
+    WEIGHT_GRANULARITIES,
+    WEIGHT_METHODS,
+)
+from .quantization import _check_choice as _choice
 
 METHODS = ("ptq", "qat")
-CALIBRATION_METHODS = ("minmax", "percentile", "mse")
-WEIGHT_METHODS = ("minmax", "mse")
-WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -51,12 +54,6 @@ def _positive_float(value, flag):
     if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
         raise UserError(f"{flag} must be a positive number, got {value!r}.")
     return number
-
-
-def _choice(value, choices, flag):
-    if value not in choices:
-        raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
-    return value
 
 
 @dataclass(frozen=True)

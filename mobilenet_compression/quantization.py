@@ -306,12 +306,7 @@ class ActQuantizer(_LearnableScale, nn.Module):
         self.signed = bool(signed)
         if scale is None:
             scale = max(float(clip), 0.0) / self.qmax
-        value = torch.tensor([max(float(scale), MIN_SCALE)], device=self.scale.device)
-        if self.learning:
-            with torch.no_grad():
-                self.scale.copy_(value)
-        else:
-            self.scale = value
+        self.scale = torch.tensor([max(float(scale), MIN_SCALE)], device=self.scale.device)
         self.calibrated = True
         self.mode = "quantize"
 
