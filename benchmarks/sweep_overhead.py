@@ -1,13 +1,13 @@
-"""Where a sweep's time goes: per-run wall time against the evaluation forward passes.
+"""Where a sweep's time goes, stage by stage, from what its runs logged.
 
     python benchmarks/sweep_overhead.py results/<sweep id>
 
-Reads what a finished offline sweep left behind (agent_state.json: each run's wall time as
-the agent measured it, from launch to exit; runs.csv: each run's evaluation seconds as the
-run measured them) and prints, per run and in total, the overhead: everything except the
-quantized model's evaluation forward passes (process start and imports, W&B, loading the
-checkpoint and dataset, the FP32 baseline when it was not cached yet, calibration, export,
-the round-trip check, BitOps). Figures, not assertions.
+Reads runs.csv (each finished run's `time/*_s` columns: startup, wandb_init, load, baseline,
+calibrate, qat, eval, export, onnx, log, wandb_finish, and total) and, when the offline
+agent left one, agent_state.json (each run's wall time from launch to exit, and the sweep's
+span). Prints the median seconds per stage, the per-run overhead (everything but the
+evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), and
+the sweep's wall time. Figures, not assertions.
 """
 
 import json
@@ -16,32 +16,43 @@ import sys
 
 import pandas as pd
 
+STAGES = ["startup", "wandb_init", "load", "baseline", "calibrate", "qat", "eval", "export",
+          "onnx", "log", "wandb_finish"]
+
 
 def main():
     if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if len(sys.argv) == 2 else 2)
     folder = sys.argv[1]
-    state = json.load(open(os.path.join(folder, "agent_state.json")))
-    runs = pd.read_csv(os.path.join(folder, "runs.csv")).set_index("run_id")
-    rows = []
-    for entry in state["runs"]:
-        if entry.get("state") != "finished" or entry["run_id"] not in runs.index:
-            continue
-        r = runs.loc[entry["run_id"]]
-        rows.append({"run": f"W{r.weight_bits}A{r.activation_bits}",
-                     "wall_s": entry["duration_s"], "eval_s": r.eval_seconds,
-                     "eval_img_s": r.eval_images_per_s, "start": entry["started_at"]})
-    df = pd.DataFrame(rows).sort_values("start")
-    df["overhead_s"] = df.wall_s - df.eval_s
-    df["overhead_%"] = 100 * df.overhead_s / df.wall_s
-    print(df.drop(columns="start").to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    span = (df.start + df.wall_s).max() - df.start.min()
-    print(f"\n{len(df)} runs; sweep wall time (first launch to last exit): {span:.0f} s "
-          f"({span / 60:.1f} min)")
-    print(f"per run: wall {df.wall_s.median():.1f} s median, evaluation {df.eval_s.median():.1f} s,"
-          f" overhead {df.overhead_s.median():.1f} s = {df['overhead_%'].median():.0f}% "
-          f"(median); evaluation {df.eval_img_s.median():.0f} images/s per run")
+    runs = pd.read_csv(os.path.join(folder, "runs.csv"))
+    runs = runs[runs.get("status", "finished") == "finished"]
+    cols = [f"time/{s}_s" for s in STAGES if f"time/{s}_s" in runs.columns]
+    if not cols:
+        sys.exit(f"error: {folder}/runs.csv has no time/*_s columns (runs made before they "
+                 f"were logged).")
+    t = runs[cols].fillna(0.0)
+    total = runs["time/total_s"] if "time/total_s" in runs.columns else t.sum(axis=1)
+    engine = runs["engine"] if "engine" in runs.columns else pd.Series("torch", runs.index)
+    evaluation = t.get("time/eval_s", 0.0) + t.get("time/onnx_s", 0.0).where(
+        engine == "onnxruntime", 0.0)
+    print(f"{len(runs)} finished runs in {folder}; median seconds per run and stage:")
+    for c in cols:
+        print(f"  {c.removeprefix('time/').removesuffix('_s'):14s} {t[c].median():7.2f} s"
+              f"   (sum over runs {t[c].sum():7.1f} s)")
+    print(f"  {'total':14s} {total.median():7.2f} s   (sum over runs {total.sum():7.1f} s)")
+    overhead = total - evaluation
+    print(f"per run: evaluation {evaluation.median():.1f} s, everything else "
+          f"{overhead.median():.1f} s = {100 * (overhead / total).median():.0f}% (medians)")
+    state_path = os.path.join(folder, "agent_state.json")
+    if os.path.exists(state_path):
+        state = json.load(open(state_path))
+        spans = [(e["started_at"], e["started_at"] + e["duration_s"]) for e in state["runs"]
+                 if e.get("state") == "finished" and "duration_s" in e and "started_at" in e]
+        if spans:
+            span = max(b for _, b in spans) - min(a for a, _ in spans)
+            print(f"sweep wall time (agent: first launch to last exit): {span:.0f} s "
+                  f"({span / 60:.1f} min) for {len(spans)} runs")
 
 
 if __name__ == "__main__":

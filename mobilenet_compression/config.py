@@ -19,6 +19,9 @@ from .quantization import (  # the quantizers' own choices, named once there
 from .quantization import _check_choice as _choice
 
 METHODS = ("ptq", "qat")
+# Who measures quant_acc: PyTorch's fake-quantized model, or ONNX Runtime running the
+# exported int8 QDQ model (onnx_export.py). torch stays the default: README, "ONNX Runtime".
+ENGINES = ("torch", "onnxruntime")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -73,6 +76,7 @@ class RunConfig:
     qat_batch_size: int = 128
     qat_freeze_bn: float = 0.5
     distill: bool = False
+    engine: str = "torch"
     max_eval_samples: int | None = None
     data_dir: str | None = None
     results_dir: str | None = None
@@ -107,6 +111,18 @@ class RunConfig:
             v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
         v["bias_correction"] = parse_bool(v["bias_correction"], "--bias_correction")
         v["distill"] = parse_bool(v["distill"], "--distill")
+        v["engine"] = _choice(v["engine"], ENGINES, "--engine")
+        if v["engine"] == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                raise UserError("--engine onnxruntime needs ONNX Runtime, which is not "
+                                "installed; pip install -r requirements.txt, or pass "
+                                "--engine torch.") from None
+            if is_fp32(v["weight_bits"]) or is_fp32(v["activation_bits"]):
+                raise UserError("--engine onnxruntime runs integer models only; give "
+                                "--weight_bits and --activation_bits 2..8, or pass "
+                                "--engine torch.")
         v["qat_epochs"] = _positive_float(v["qat_epochs"], "--qat_epochs")
         v["qat_lr"] = _positive_float(v["qat_lr"], "--qat_lr")
         freeze = v["qat_freeze_bn"]
@@ -120,7 +136,7 @@ class RunConfig:
     def run_parameters(self):
         """The parameters logged with a run (W&B config and runs.csv columns)."""
         keys = ["weight_bits", "activation_bits", "method", "calibration", "calib_batches",
-                "weight_method", "weight_granularity", "bias_correction", "seed"]
+                "weight_method", "weight_granularity", "bias_correction", "engine", "seed"]
         if self.method == "qat":
             keys += ["qat_epochs", "qat_lr", "qat_batch_size", "qat_freeze_bn", "distill"]
         return {k: getattr(self, k) for k in keys}

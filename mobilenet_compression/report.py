@@ -79,7 +79,7 @@ def pareto_front(cost, gain):
 
 # Run parameters that are categories rather than numbers: where one varies in a sweep it gets
 # a column in summary.md, a word in the run labels and a categorical parallel-coordinates axis.
-CATEGORIES = ("method", "calibration", "bias_correction")
+CATEGORIES = ("method", "calibration", "bias_correction", "engine")
 
 
 def varying_categories(df):
@@ -149,9 +149,11 @@ def summary_markdown(df, source):
 
     categories = varying_categories(done)
     columns = [("W_bits", "weight_bits", 0), ("A_bits", "activation_bits", 0)]
-    columns += [({"calibration": "Calib", "method": "Method", "bias_correction": "Bias corr."}[c],
-                 c, None) for c in categories]
-    columns += [("Accuracy", "quant_acc", 2), ("Drop", "acc_drop", 2), ("Orig_MB", "orig_mb", 2),
+    columns += [({"calibration": "Calib", "method": "Method", "bias_correction": "Bias corr.",
+                  "engine": "Engine"}[c], c, None) for c in categories]
+    columns += [("Accuracy", "quant_acc", 2), ("Drop", "acc_drop", 2),
+                ("ONNX acc", "onnx_acc", 2), ("Agree", "onnx_agreement", 2),
+                ("ONNX x", "onnx_speedup", 2), ("Orig_MB", "orig_mb", 2),
                 ("Comp_MB", "compressed_mb", 3), ("Ratio", "compression_ratio", 2),
                 ("BitOps (G)", "bitops", 2)]
     columns = [c for c in columns if c[1] in done.columns]
@@ -168,6 +170,11 @@ def summary_markdown(df, source):
         lines += [_markdown_table([c[0] for c in columns], rows), ""]
         lines += ["Accuracy and Drop in %, sizes in MiB of the exported files, BitOps = "
                   "MACs x weight bits x activation bits per image (FP32 layers at 32 x 32).", ""]
+        if "onnx_acc" in done.columns:
+            lines += ["ONNX acc: the exported ONNX QDQ model's accuracy in ONNX Runtime; Agree: "
+                      "% of test images whose top-1 class it shares with the PyTorch model; "
+                      "ONNX x: its images/s over the FP32 model's in ONNX Runtime (batch 256).",
+                      ""]
         if "quant_acc" in done.columns:
             best = done.loc[done["quant_acc"].idxmax()]
             lines += [f"Best accuracy: {run_label(best, categories)} at "

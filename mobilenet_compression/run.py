@@ -10,8 +10,10 @@ The flow, each step a named function a reader can find:
     calibrate(...); bias_correct(...) if asked             PTQ
     train_qat(...) if method == "qat"                      QAT (LSQ)
     convert(qmodel)                                        freeze
-    quant_acc = evaluate(qmodel, test)                     measure
+    quant_acc = accuracy(predict(qmodel, test))            measure (torch engine)
     export_and_check(...); measure(...)                    file, sizes, BitOps
+    measure_onnx(...)                                      ONNX file, ONNX Runtime: onnx_*
+                                                           (quant_acc with --engine onnxruntime)
     log_run(...); results.append_run(...)                  W&B summary/artifact, runs.csv
 
 Inside a sweep the parameters come from `wandb.config` (the agent's config file named by
@@ -36,10 +38,11 @@ import uuid
 import torch
 from filelock import FileLock
 
-from . import bitops, results, threads
+from . import bitops, onnx_export, results, threads
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import (
     CALIBRATION_METHODS,
+    ENGINES,
     METHODS,
     WEIGHT_GRANULARITIES,
     WEIGHT_METHODS,
@@ -48,7 +51,7 @@ from .config import (
 from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
-from .export import compression_metrics, export_quantized, load_quantized
+from .export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
 from .precision import mean_bits
 from .qat import train_qat
@@ -58,6 +61,9 @@ from .tracking import WANDB_MODES, init_run, resolve_mode
 from .train import resolve_device
 
 KILLED = "killed"
+# With --engine onnxruntime, PyTorch's fake-quantized model is still run on this many test
+# images, to check the engine against it (onnx_agreement).
+AGREEMENT_IMAGES = 1000
 
 
 def get_args_parser():
@@ -108,6 +114,10 @@ def get_args_parser():
     p.add_argument("--distill", default=str(d.distill).lower(), metavar="{true,false}",
                    help="QAT: learn from the FP32 model's outputs (KL) instead of the labels "
                         "(default: %(default)s)")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="who measures quant_acc: PyTorch's fake-quantized model, or ONNX "
+                        "Runtime running the exported int8 ONNX model (PyTorch then checks "
+                        f"it on {AGREEMENT_IMAGES} images) (default: %(default)s)")
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="evaluate on only the first N test images (default: all)")
     p.add_argument("--data_dir", default=None,
@@ -171,19 +181,41 @@ class Progress:
         self.stage = None
         self.done = {}
         self.t0 = self._t = time.perf_counter()
-        self.times = {}
+        startup = process_age_s()
+        self.times = {} if startup is None else {"time/startup_s": startup}
 
     def start(self, stage):
-        """Begin `stage`; the one before it is timed as time/<stage>_s."""
+        """Begin `stage` (None: the end); the one before it is timed as time/<stage>_s
+        (added up, when a stage comes back)."""
         now = time.perf_counter()
         if self.stage is not None:
-            self.times[f"time/{self.stage}_s"] = now - self._t
+            key = f"time/{self.stage}_s"
+            self.times[key] = self.times.get(key, 0.0) + now - self._t
         self.stage, self._t = stage, now
+
+    def total(self):
+        """Seconds since the process started (since this object was made, plus startup)."""
+        return time.perf_counter() - self.t0 + self.times.get("time/startup_s", 0.0)
+
+
+def process_age_s():
+    """Seconds from this process's start (interpreter start, imports) to now, from Linux's
+    /proc; None where there is no /proc."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, after the ")" closing the name
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @cli
 def run_quantization(argv=None):
     """Parse `argv`, run, and return the metrics dict (also what tests call)."""
+    progress = Progress()  # time/startup_s: process start to here
+    progress.start("load")  # outside a sweep, the checkpoint is read before W&B starts
     parser = get_args_parser()
     flags = vars(parser.parse_args(argv))
     in_sweep = bool(os.environ.get("WANDB_SWEEP_PARAM_PATH"))
@@ -193,7 +225,6 @@ def run_quantization(argv=None):
         loaded = load_model(config.checkpoint)
     mode = resolve_mode(flags["wandb_mode"])
     run = None
-    progress = Progress()
     with StopFlag(defer=False):
         try:
             progress.start("wandb_init")
@@ -205,7 +236,7 @@ def run_quantization(argv=None):
             elif config is None:  # a sweep's run with W&B disabled: the flags are all
                 config = RunConfig.from_dict(flags)
             loaded = loaded or load_model(config.checkpoint)
-            metrics = quantize_and_measure(config, run, loaded, progress)
+            metrics, record = quantize_and_measure(config, run, loaded, progress)
         except Stopped as stop:
             record_stopped(config, run, progress, stop.signum)
             sys.exit(128 + stop.signum)
@@ -213,9 +244,14 @@ def run_quantization(argv=None):
             if run is not None:
                 run.finish(exit_code=2 if isinstance(e, UserError) else 1)
             raise
+        # W&B cannot record its own finish: that time and the final total are in runs.csv.
+        progress.start("wandb_finish")
         if run is not None:
             run.finish()
-    return metrics
+        progress.start(None)
+        extra = {**progress.times, "time/total_s": progress.total()}
+        record(extra)
+    return {**metrics, **extra}
 
 
 def record_stopped(config, run, progress, signum):
@@ -298,10 +334,14 @@ def quantize_and_measure(config, run, loaded, progress):
     convert(qmodel)
 
     progress.start("eval")
-    print(f"evaluating on {len(test)} test images", flush=True)
+    # The torch engine measures quant_acc on every test image; with onnxruntime the engine
+    # does, and PyTorch only checks it on the first AGREEMENT_IMAGES.
+    torch_test = test if config.engine == "torch" else test.head(AGREEMENT_IMAGES)
+    print(f"evaluating on {len(test)} test images ({config.engine})", flush=True)
     t_eval = time.perf_counter()
-    quant_acc = evaluate(qmodel, test_loader)
+    torch_logits, labels = predict(qmodel, eval_loader(torch_test, info, EVAL_BATCH_SIZE))
     eval_s = time.perf_counter() - t_eval
+    quant_acc = onnx_export.accuracy(torch_logits, labels)
     progress.done["quant_acc"] = quant_acc
 
     progress.start("export")
@@ -313,7 +353,22 @@ def quantize_and_measure(config, run, loaded, progress):
     rows, totals = bitops.bitops_report(fp32, info.input_size, precision_plan(qmodel))
     size = compression_metrics(qmodel, ckpt["model"], model_path, info.input_size,
                                info.in_channels)
-    progress.start("log")
+    onnx = {}
+    if onnx_export.onnx_exportable(qmodel) and onnx_export.available():
+        progress.start("onnx")
+        onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
+        onnx, onnx_logits = onnx_export.measure_onnx(
+            qmodel, fp32, onnx_path, test_loader,
+            (info.in_channels, info.input_size, info.input_size), config.threads,
+            calib_loader, config.calib_batches)
+        onnx["onnx_agreement"] = onnx_export.agreement(torch_logits,
+                                                       onnx_logits[:len(torch_logits)])
+        onnx["onnx_agreement_images"] = len(torch_logits)
+        if config.engine == "onnxruntime":
+            quant_acc = onnx["onnx_acc"]
+            eval_s = onnx["onnx_eval_s"]
+        size["onnx_mb"] = os.path.getsize(onnx_path) / MIB
+        progress.start("log")
     metrics = {
         **config.run_parameters(),
         **plan_bits(rows),
@@ -323,14 +378,16 @@ def quantize_and_measure(config, run, loaded, progress):
         **size,
         **totals,
         **qat,
+        **onnx,
+        "engine": config.engine,
         "eval_images": len(test),
         "eval_seconds": eval_s,
         "eval_images_per_s": len(test) / eval_s,
         "roundtrip_max_abs_diff": roundtrip,
         **progress.times,
-        "run_seconds": time.perf_counter() - progress.t0,
+        "run_seconds": progress.total(),
     }
-    metrics["time/total_s"] = metrics["run_seconds"]
+    metrics["time/total_s"] = metrics["run_seconds"]  # runs.csv: to the end of W&B's finish
     print(f"W{config.weight_bits}A{config.activation_bits} {config.method} "
           f"({config.calibration}, {config.weight_granularity}"
           f"{', bias correction' if config.bias_correction else ''}): quant_acc "
@@ -339,11 +396,9 @@ def quantize_and_measure(config, run, loaded, progress):
           f"{totals['bitops'] / 1e9:.3f} GBitOps -> {model_path}")
     if run is not None:
         log_run(run, metrics, rows, model_path, ckpt, config)
-    results.append_run(results_dir, sweep_id, {
-        "run_id": run_id, **metrics, "checkpoint": config.checkpoint,
-        "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"],
-    })
-    return metrics
+    row = {"run_id": run_id, **metrics, "checkpoint": config.checkpoint,
+           "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"]}
+    return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
 
 
 def plan_bits(rows):
@@ -388,6 +443,9 @@ def log_run(run, metrics, rows, model_path, ckpt, config):
         f"w{config.weight_bits}a{config.activation_bits}-{config.method}",
         type="quantized-model", metadata=metrics)
     artifact.add_file(model_path)
+    onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
+    if os.path.exists(onnx_path):  # the ONNX QDQ file (onnx_export.py), beside it
+        artifact.add_file(onnx_path)
     run.log_artifact(artifact)
     if run.settings.mode == "online":
         try:  # lineage: the baseline model artifact logged by train.py, if it is there

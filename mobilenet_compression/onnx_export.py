@@ -1,0 +1,432 @@
+"""The quantized model as an ONNX file in QDQ form, and its inference in ONNX Runtime.
+
+`export_onnx(model, path, input_shape)` writes the graph node by node from the module tree
+(MobileNetV2 as torchvision builds it: `features`, global average pooling, `classifier`), so
+every scale in the file is one this package computed; nothing is re-calibrated by the engine:
+
+- BatchNorm is folded into the conv before it. With per-output-channel weight scales this is
+  exact on the integer grid: W * g/sigma = codes * (scale * g/sigma), so the codes stay and
+  only the scale changes (a channel whose g/sigma is negative stores -codes and |scale|).
+  A per-tensor weight scale becomes a per-channel one the same way.
+- A quantized layer reads `DequantizeLinear(QuantizeLinear(x))` with the layer's activation
+  scale and `DequantizeLinear(int8 codes, per-channel scales, axis 0)` weights; its bias is
+  int32 at scale input_scale x weight_scale: the form ONNX Runtime fuses into QLinearConv.
+  Activation codes are uint8 throughout (one type in and out is what the engine fuses):
+  unsigned codes with zero point 0, signed codes shifted by 128 (zero point 128), the same
+  grid.
+- Below 8 activation bits the engine has no narrower integer type for convolutions, so the
+  codes travel in uint8 and a `Clip` to the b-bit range (qmin*s, qmax*s) before
+  `QuantizeLinear` makes the engine compute exactly the b-bit grid. That Clip sits between
+  the previous conv and its output quantization, which stops ONNX Runtime fusing the previous
+  conv into an integer kernel: below 8 bits the file is exact but not faster (README).
+- An integer engine needs every tensor between integer kernels on a grid, and the PyTorch
+  model quantizes only layer inputs. Where the layer inputs are 8-bit, the export adds what
+  is missing (`output_scales`, from the calibration images): each residual add reads its
+  block input through that input's 8-bit grid and its projection conv's output through a
+  new 8-bit grid, and the last conv's output gets one before the pooling. These are the
+  only places the file rounds where the PyTorch model does not (onnx_agreement measures
+  the cost: 99.4% of test images at W8A8 on the committed checkpoint).
+- Layers the plan leaves FP32 (the stem conv, the classifier, bits 16/32) are plain float
+  Conv / Gemm nodes.
+
+The same builder given the FP32 model writes the FP32 reference (BatchNorm folded too), which
+`onnx_speedup` divides by. ONNX QuantizeLinear divides by the scale where torch multiplies
+by its reciprocal, so a value exactly on a rounding boundary may land one code apart: the
+ONNX model agrees with the PyTorch one on nearly every image, not bit for bit
+(`onnx_agreement`).
+"""
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+
+OPSET = 17
+INPUT, OUTPUT = "input", "logits"
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError:
+        raise UserError("the onnx package is not installed; pip install -r requirements.txt "
+                        "(or use --engine torch).") from None
+    return onnx, helper, numpy_helper
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX Runtime is not installed (no module named 'onnxruntime'); "
+                        "pip install -r requirements.txt, or pass --engine torch.") from None
+    return onnxruntime
+
+
+def available():
+    """True when onnx and ONNX Runtime can be imported."""
+    try:
+        _onnx(), _ort()
+    except UserError:
+        return False
+    return True
+
+
+def onnx_exportable(qmodel):
+    """True when every quantized layer has weights and activations of at most 8 bits (what
+    the issue's contract asks to export; a layer at 16/32 bits keeps the run torch-only)."""
+    from .quantization import quant_layers
+
+    layers = quant_layers(qmodel)
+    return bool(layers) and all(m.weight_quant.enabled and m.input_quant.enabled
+                                for _, m in layers)
+
+
+def fold_batchnorm(bias, bn):
+    """(per-output-channel factor g/sigma, folded bias) of conv -> BatchNorm (eval mode)."""
+    factor = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    b = bias.detach().double() if bias is not None else torch.zeros_like(factor)
+    folded_bias = (b - bn.running_mean.double()) * factor + bn.bias.detach().double()
+    return factor, folded_bias
+
+
+class _Graph:
+    def __init__(self, output_scales=None):
+        self.onnx, self.helper, self.numpy_helper = _onnx()
+        self.nodes, self.inits, self.names = [], [], {}
+        self.q_outputs = []  # (name of a QuantizeLinear output, qmin, qmax)
+        self.dq_of = {}  # float tensor -> DequantizeLinear output of its 8-bit grid
+        self.output_scales = output_scales or {}
+
+    def name(self, stem):
+        n = self.names.get(stem, 0)
+        self.names[stem] = n + 1
+        return f"{stem}_{n}" if n else stem
+
+    def const(self, stem, array):
+        name = self.name(stem)
+        self.inits.append(self.numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def shared(self, name, value):
+        """One float32 scalar initializer used by many nodes (ReLU6's bounds)."""
+        if name not in self.names:
+            self.const(name, np.float32(value))
+        return name
+
+    def node(self, op, inputs, stem, **attrs):
+        out = self.name(stem)
+        self.nodes.append(self.helper.make_node(op, inputs, [out], name=out + "_" + op,
+                                                **attrs))
+        return out
+
+    # -------------------------------------------------------------------- layers
+
+    def quantize_input(self, x, quant, stem):
+        """x -> [Clip to the b-bit range] -> QuantizeLinear -> DequantizeLinear."""
+        s = float(quant.scale)
+        qmin, qmax = quant.qmin, quant.qmax
+        zp = 128 if quant.signed else 0  # uint8 codes = our codes + zp
+        if (qmin + zp, qmax + zp) != (0, 255):
+            x = self.node("Clip", [x, self.const(stem + ".clip_lo", np.float32(qmin * s)),
+                                   self.const(stem + ".clip_hi", np.float32(qmax * s))],
+                          stem + ".clip")
+        scale = self.const(stem + ".act_scale", np.float32(s))
+        zero = self.const(stem + ".act_zero", np.uint8(zp))
+        source = x
+        q = self.node("QuantizeLinear", [x, scale, zero], stem + ".act_q")
+        self.q_outputs.append((q, qmin + zp, qmax + zp))
+        dq = self.node("DequantizeLinear", [q, scale, zero], stem + ".act_dq")
+        if (qmin + zp, qmax + zp) == (0, 255):
+            self.dq_of[source] = dq  # an 8-bit grid a residual add may read too
+        return dq, s
+
+    def conv_or_linear(self, x, layer, bn, stem):
+        """One Conv2d / Linear (quantized or FP32), with the BatchNorm after it folded."""
+        from .quantization import QUANT_LAYERS
+
+        quantized = isinstance(layer, QUANT_LAYERS)
+        weight = layer.weight.detach().double()
+        out_ch = weight.shape[0]
+        if bn is not None:
+            factor, bias = fold_batchnorm(layer.bias, bn)
+        else:
+            factor = torch.ones(out_ch, dtype=torch.float64)
+            bias = (layer.bias.detach().double() if layer.bias is not None
+                    else torch.zeros(out_ch, dtype=torch.float64))
+        in_scale = None
+        if quantized and layer.input_quant.enabled:
+            x, in_scale = self.quantize_input(x, layer.input_quant, stem)
+        if quantized and layer.weight_quant.enabled:
+            wq = layer.weight_quant
+            codes = wq.integers(layer.weight).to(torch.int64)
+            scale = wq.scale.detach().double().reshape(-1).expand(out_ch) * factor
+            sign = torch.where(scale < 0, -1, 1)
+            codes = codes * sign.reshape([-1] + [1] * (codes.dim() - 1))
+            scale = scale.abs().clamp_min(1e-30)
+            w_scale = self.const(stem + ".w_scale", scale.float().numpy())
+            w = self.node("DequantizeLinear", [
+                self.const(stem + ".w_codes", codes.to(torch.int8).numpy()), w_scale,
+                self.const(stem + ".w_zero", np.zeros(out_ch, np.int8))],
+                stem + ".w_dq", axis=0)
+            if x in self.dq_of.values():  # 8-bit input: int32 bias for the integer kernel
+                b_scale = (scale * in_scale).float()
+                b_int = torch.round(bias / b_scale.double()).clamp(-2**31, 2**31 - 1)
+                b = self.node("DequantizeLinear", [
+                    self.const(stem + ".b_int32", b_int.to(torch.int32).numpy()),
+                    self.const(stem + ".b_scale", b_scale.numpy()),
+                    self.const(stem + ".b_zero", np.zeros(out_ch, np.int32))],
+                    stem + ".b_dq", axis=0)
+            else:
+                # Below 8 input bits the conv runs in float. A bias inside it would be
+                # rounded by ONNX Runtime to int32 at input_scale x weight_scale (up to
+                # 0.04 off at 4 bits on the test checkpoint); added after it, it stays exact.
+                late_bias, b = bias.float().numpy(), None
+        else:
+            shape = [-1] + [1] * (weight.dim() - 1)
+            w = self.const(stem + ".weight", (weight * factor.reshape(shape)).float().numpy())
+            b = self.const(stem + ".bias", bias.float().numpy())
+        inputs = [x, w] + ([b] if b is not None else [])
+        if isinstance(layer, nn.Conv2d):
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ValueError(f"{stem}: only explicit zero padding is exported")
+            ph, pw = layer.padding
+            y = self.node("Conv", inputs, stem, kernel_shape=list(layer.kernel_size),
+                          strides=list(layer.stride), pads=[ph, pw, ph, pw],
+                          dilations=list(layer.dilation), group=layer.groups)
+            if b is None:
+                y = self.node("Add", [y, self.const(stem + ".bias", late_bias.reshape(-1, 1, 1))],
+                              stem + ".bias_add")
+        else:
+            y = self.node("Gemm", inputs, stem, transB=1)
+            if b is None:
+                y = self.node("Add", [y, self.const(stem + ".bias", late_bias)],
+                              stem + ".bias_add")
+        return y
+
+    def residual_add(self, x, y, stem):
+        """x + y. With an 8-bit scale for y (the projection conv's output, `output_scales`)
+        and x already on an 8-bit grid (the next conv's input quantizer), both summands are
+        read through their integer grids, so ONNX Runtime runs the projection conv and the
+        add as integer kernels (QLinearConv, QLinearAdd); otherwise the add is float."""
+        if stem not in self.output_scales or x not in self.dq_of:
+            return self.node("Add", [x, y], stem + ".add")
+        return self.node("Add", [self.dq_of[x], self.requantize(y, stem)], stem + ".add")
+
+    def requantize(self, x, stem):
+        """x through the 8-bit grid `output_scales` gives `stem`."""
+        scale, zp = self.output_scales[stem]
+        s = self.const(stem + ".out_scale", np.float32(scale))
+        zero = self.const(stem + ".out_zero", np.uint8(zp))
+        q = self.node("QuantizeLinear", [x, s, zero], stem + ".out_q")
+        return self.node("DequantizeLinear", [q, s, zero], stem + ".out_dq")
+
+    def sequence(self, x, modules, prefix):
+        """Emit a Sequential's leaves in order, pairing each conv with a BatchNorm after it."""
+        from torchvision.ops.misc import Conv2dNormActivation
+        from torchvision.models.mobilenetv2 import InvertedResidual
+
+        items = list(modules.named_children())
+        i = 0
+        while i < len(items):
+            name, m = items[i]
+            stem = f"{prefix}.{name}" if prefix else name
+            nxt = items[i + 1][1] if i + 1 < len(items) else None
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                bn = nxt if isinstance(nxt, nn.BatchNorm2d) else None
+                x = self.conv_or_linear(x, m, bn, stem)
+                i += 2 if bn is not None else 1
+                continue
+            if isinstance(m, InvertedResidual):
+                y = self.sequence(x, m.conv, stem + ".conv")
+                if m.use_res_connect:
+                    x = self.residual_add(x, y, stem)
+                else:
+                    x = y
+            elif isinstance(m, (nn.Sequential, Conv2dNormActivation)):
+                x_in, x = x, self.sequence(x, m, stem)
+                if stem in self.output_scales and x_in in self.dq_of:
+                    x = self.requantize(x, stem)  # the last conv, read by the pooling
+            elif isinstance(m, nn.ReLU6):
+                x = self.node("Clip", [x, self.shared("zero", 0.0), self.shared("six", 6.0)],
+                              stem)
+            elif isinstance(m, nn.ReLU):
+                x = self.node("Relu", [x], stem)
+            elif isinstance(m, (nn.Dropout, nn.Identity)):
+                pass
+            else:
+                raise ValueError(f"cannot export {stem} ({type(m).__name__}) to ONNX")
+            i += 1
+        return x
+
+
+def output_scales(qmodel, loader, num_batches=None):
+    """8-bit grids for the float tensors an integer engine would otherwise leave float, from
+    `loader`'s TRAINING images: each residual block's projection output (a summand of the
+    add; signed, absmax / 127) and the last conv's output after its ReLU6 (read by the
+    pooling; unsigned, absmax / 255). Block name as in the graph ("features.<i>") ->
+    (scale, zero point of its uint8 codes)."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    from .quantization import _training_batches
+
+    total = _training_batches(loader, num_batches, "ONNX export calibration")
+    absmax, hooks, signed = {}, [], {}
+    last = f"features.{len(qmodel.features) - 1}"
+    for name, m in qmodel.named_modules():
+        if isinstance(m, InvertedResidual) and m.use_res_connect:
+            target, signed[name] = m.conv[-1], True
+        elif name == last:
+            target, signed[name] = m, False
+        else:
+            continue
+
+        def hook(mod, args, out, key=name):
+            absmax[key] = max(absmax.get(key, 0.0), float(out.abs().max()))
+        hooks.append(target.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            for i, (x, _) in enumerate(loader):
+                if i >= total:
+                    break
+                qmodel.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (max(v, 1e-12) / 127, 128) if signed[k] else (max(v, 1e-12) / 255, 0)
+            for k, v in absmax.items()}
+
+
+def build_onnx(model, input_shape, output_scales=None):
+    """The ONNX ModelProto of `model` (FP32 or quantized MobileNetV2) for NCHW inputs of
+    `input_shape` (C, H, W), batch dimension dynamic. `output_scales` (from
+    `output_scales()`) puts residual adds on 8-bit grids where their inputs allow it.
+    Returns (model proto, the names of its QuantizeLinear outputs with their code ranges)."""
+    from torchvision.models import MobileNetV2
+
+    if not isinstance(model, MobileNetV2):
+        raise ValueError("export_onnx exports torchvision's MobileNetV2 (this package's model)")
+    g = _Graph(output_scales)
+    h = g.helper
+    x = g.sequence(INPUT, model.features, "features")
+    x = g.node("GlobalAveragePool", [x], "pool")
+    x = g.node("Flatten", [x], "flatten", axis=1)
+    x = g.sequence(x, model.classifier, "classifier")
+    g.nodes.append(h.make_node("Identity", [x], [OUTPUT], name="output"))
+    graph = h.make_graph(
+        g.nodes, "mobilenetv2",
+        [h.make_tensor_value_info(INPUT, g.onnx.TensorProto.FLOAT, ["batch", *input_shape])],
+        [h.make_tensor_value_info(OUTPUT, g.onnx.TensorProto.FLOAT, ["batch", None])],
+        g.inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)],
+                         producer_name="mobilenet-compression")
+    proto.ir_version = 8  # ONNX Runtime 1.32 reads up to 11; 8 is what opset 17 needs
+    g.onnx.checker.check_model(proto, full_check=True)
+    return proto, g.q_outputs
+
+
+def export_onnx(model, path, input_shape, output_scales=None):
+    """Write `model` as ONNX (QDQ where quantized) to `path` atomically; returns the proto."""
+    from .files import atomic_write
+
+    proto, _ = build_onnx(model, input_shape, output_scales)
+    data = proto.SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
+    return proto
+
+
+# ---------------------------------------------------------------------------- ONNX Runtime
+
+def session(path_or_bytes, threads=None, profile_prefix=None):
+    """An ONNX Runtime CPU session with every graph optimisation (QDQ -> integer kernels)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _numpy(x):
+    return x.detach().cpu().contiguous().numpy().astype(np.float32, copy=False)
+
+
+def predict_onnx(sess, loader):
+    """(logits, labels) of the ONNX model over a BatchLoader's images, as torch tensors."""
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(torch.from_numpy(sess.run([OUTPUT], {INPUT: _numpy(x)})[0]))
+        labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy(logits, labels):
+    return 100.0 * float((logits.argmax(1) == labels).double().mean())
+
+
+def agreement(logits_a, logits_b):
+    """Percent of images whose top-1 class is the same in both."""
+    return 100.0 * float((logits_a.argmax(1) == logits_b.argmax(1)).double().mean())
+
+
+def throughput(sess, images, batch_size=256, repeats=5):
+    """Median images/s over `repeats` timed passes of one `batch_size` batch (one untimed
+    warm-up pass first). images: a float array (N, C, H, W), N >= 1 (tiled to the batch)."""
+    batch = np.resize(images, (batch_size, *images.shape[1:])).astype(np.float32)
+    sess.run([OUTPUT], {INPUT: batch})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run([OUTPUT], {INPUT: batch})
+        times.append(time.perf_counter() - t)
+    return batch_size / statistics.median(times)
+
+
+def latency_ms(sess, images, repeats=50):
+    """Median milliseconds of one single-image inference over `repeats` (after warm-up)."""
+    one = np.ascontiguousarray(images[:1], dtype=np.float32)
+    for _ in range(5):
+        sess.run([OUTPUT], {INPUT: one})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run([OUTPUT], {INPUT: one})
+        times.append(time.perf_counter() - t)
+    return 1000.0 * statistics.median(times)
+
+
+def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
+                 calibration=None, calib_batches=None):
+    """Export `qmodel` to `path` (8-bit grids for the residual adds and the last conv's
+    output from `calibration`, a loader of training images, when given), run it in ONNX
+    Runtime over `loader`, and time it against the FP32 model exported and run the same way
+    in this process. Returns (metrics, logits):
+    onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5), onnx_latency_ms (batch 1, median of 50),
+    onnx_fp32_img_s, onnx_speedup (ratio of the two batch-256 figures)."""
+    scales = output_scales(qmodel, calibration, calib_batches) if calibration else None
+    export_onnx(qmodel, path, input_shape, scales)
+    sess = session(path, threads)
+    t = time.perf_counter()
+    logits, labels = predict_onnx(sess, loader)
+    eval_s = time.perf_counter() - t
+    fp32_proto, _ = build_onnx(fp32_model, input_shape)
+    fp32_sess = session(fp32_proto.SerializeToString(), threads)
+    images = _numpy(next(iter(loader))[0])
+    img_s, fp32_img_s = throughput(sess, images), throughput(fp32_sess, images)
+    return {
+        "onnx_acc": accuracy(logits, labels),
+        "onnx_eval_s": eval_s,
+        "onnx_img_s": img_s,
+        "onnx_latency_ms": latency_ms(sess, images),
+        "onnx_fp32_img_s": fp32_img_s,
+        "onnx_speedup": img_s / fp32_img_s,
+    }, logits

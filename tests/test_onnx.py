@@ -1,0 +1,161 @@
+"""The ONNX QDQ export and ONNX Runtime as an engine, on the small model trained on the real
+Fashion-MNIST (conftest), with real ONNX Runtime sessions and real sweep.py subprocesses."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+
+from mobilenet_compression import onnx_export as ox
+from mobilenet_compression.data import BatchLoader
+from mobilenet_compression.evaluation import eval_loader, predict
+from mobilenet_compression.quantization import bias_correct, calibrate, convert, quantize_model
+from tests.conftest import torch_threads
+from tests.test_qat import (  # noqa: F401  (small_checkpoint: a fixture)
+    QUICK,
+    ROOT,
+    env_for,
+    small_checkpoint,
+    sweep_py,
+)
+
+SHAPE = (1, 28, 28)
+
+
+def quantized(model, fashion_mnist, wb, ab):
+    info, train, _, _ = fashion_mnist
+    calib = BatchLoader(train.head(512), info, 128, channels_last=True)
+    with torch_threads(1):
+        qmodel = quantize_model(model, (wb, ab))
+        calibrate(qmodel, calib, "mse", 4)
+        bias_correct(qmodel, model, calib, 4)  # gives the quantized convs a bias to fold
+        convert(qmodel)
+    return qmodel, calib
+
+
+def test_batchnorm_folding_keeps_the_fp32_model_outputs(fashion_mnist, fashion_mnist_model):
+    info, _, _, test = fashion_mnist
+    loader = eval_loader(test.head(512), info)
+    proto, q_outputs = ox.build_onnx(fashion_mnist_model, SHAPE)
+    assert q_outputs == [] and not any(n.op_type == "BatchNormalization"
+                                       for n in proto.graph.node)
+    with torch_threads(1):
+        want, _ = predict(fashion_mnist_model, loader)
+    got, _ = ox.predict_onnx(ox.session(proto.SerializeToString(), 1), loader)
+    # Folding reorders float32 arithmetic only: the logits (magnitudes ~10) agree to 1e-4.
+    assert float((got - want).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
+def test_onnx_model_passes_the_checker_and_agrees_with_the_pytorch_model(
+        fashion_mnist, fashion_mnist_model, tmp_path, bits):
+    info, _, _, test = fashion_mnist
+    qmodel, calib = quantized(fashion_mnist_model, fashion_mnist, *bits)
+    path = tmp_path / "m.onnx"
+    ox.export_onnx(qmodel, str(path), SHAPE, ox.output_scales(qmodel, calib, 4))
+    onnx.checker.check_model(str(path), full_check=True)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
+    loader = eval_loader(test.head(1000), info)
+    with torch_threads(1):
+        want, labels = predict(qmodel, loader)
+    got, _ = ox.predict_onnx(ox.session(str(path), 1), loader)
+    # The same grids; the engine rounds on a boundary now and then (and at 8 bits adds the
+    # residual adds' grids): top-1 agrees on at least 98% of these 1,000 real test images.
+    assert ox.agreement(want, got) >= 98.0
+    assert abs(ox.accuracy(got, labels) - ox.accuracy(want, labels)) <= 1.0
+
+
+def test_w3a4_model_holds_only_3_bit_weight_and_4_bit_activation_codes(
+        fashion_mnist, fashion_mnist_model):
+    info, _, _, test = fashion_mnist
+    qmodel, _ = quantized(fashion_mnist_model, fashion_mnist, 3, 4)
+    proto, q_outputs = ox.build_onnx(qmodel, SHAPE)
+    codes = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
+             if t.name.endswith(".w_codes")]
+    assert len(codes) == len(q_outputs) > 10
+    for c in codes:  # narrow 3-bit range, stored in int8
+        assert c.dtype == np.int8 and c.min() >= -3 and c.max() <= 3
+    # Read every QuantizeLinear's output on a real batch: 16 codes at most per tensor
+    # (uint8: 0..15 unsigned, 120..135 for signed codes shifted by 128).
+    for name, _, _ in q_outputs:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8,
+                                                                     None))
+    sess = ox.session(proto.SerializeToString(), 1)
+    x, _ = next(iter(eval_loader(test.head(256), info)))
+    outs = sess.run([n for n, _, _ in q_outputs], {ox.INPUT: ox._numpy(x)})
+    for (name, lo, hi), out in zip(q_outputs, outs):
+        assert hi - lo == 15 and lo in (0, 120), name
+        assert out.min() >= lo and out.max() <= hi, name
+    assert any(out.max() == hi for (_, _, hi), out in zip(q_outputs, outs))  # ranges used
+
+
+def test_engine_onnxruntime_run_logs_engine_and_matches_the_torch_engine(
+        tmp_path, small_checkpoint):  # noqa: F811
+    res = tmp_path / "res"
+    common = ["--checkpoint", str(small_checkpoint), "--weight_bits", "8", "--activation_bits",
+              "8", "--results_dir", str(res), "--wandb_mode", "offline", *QUICK]
+    for engine in ("torch", "onnxruntime"):
+        r = sweep_py([*common, "--engine", engine, "--seed", "1" if engine == "torch" else "2"],
+                     tmp_path)
+        assert r.returncode == 0, r.stderr
+    rows = pd.read_csv(res / "runs" / "runs.csv").set_index("engine")
+    assert set(rows.index) == {"torch", "onnxruntime"}
+    # Tolerance: 1 point on these 300 test images (3 images).
+    assert abs(rows.quant_acc["onnxruntime"] - rows.quant_acc["torch"]) <= 1.0
+    assert rows.quant_acc["onnxruntime"] == rows.onnx_acc["onnxruntime"]
+    assert rows.onnx_agreement_images["torch"] == 300
+    for col in ("onnx_img_s", "onnx_latency_ms", "onnx_speedup", "onnx_agreement",
+                "time/startup_s", "time/onnx_s", "time/wandb_finish_s", "time/total_s"):
+        assert (rows[col] > 0).all(), col
+    assert len(list((res / "runs" / "models").glob("*.onnx"))) == 2
+
+
+def test_bad_engine_is_one_error_line(tmp_path, small_checkpoint):  # noqa: F811
+    r = sweep_py(["--checkpoint", str(small_checkpoint), "--engine", "tensorrt",
+                  "--wandb_mode", "disabled"], tmp_path)
+    assert r.returncode == 2 and "--engine" in r.stderr and "invalid choice" in r.stderr
+
+
+def test_engine_onnxruntime_without_onnxruntime_installed_is_one_error_line(
+        tmp_path, small_checkpoint):  # noqa: F811
+    """ONNX Runtime is hidden from the subprocess by an import hook (sitecustomize), as if it
+    were not installed."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import importlib.util, sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'onnxruntime':\n"
+        "            return importlib.util.spec_from_loader(name, self)\n"
+        "    def create_module(self, spec):\n"
+        "        return None\n"
+        "    def exec_module(self, module):\n"
+        "        raise ModuleNotFoundError(f'No module named {module.__name__!r}')\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    env = {**env_for(tmp_path), "PYTHONPATH": str(hide)}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), "--checkpoint",
+                        str(small_checkpoint), "--engine", "onnxruntime", "--results_dir",
+                        str(tmp_path / "res"), "--wandb_mode", "disabled"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and "ONNX Runtime" in lines[0]
+    assert not (tmp_path / "res").exists()  # nothing written
+
+
+def test_output_scales_read_training_images_only(fashion_mnist, fashion_mnist_model):
+    info, _, _, test = fashion_mnist
+    qmodel, _ = quantized(fashion_mnist_model, fashion_mnist, 8, 8)
+    with pytest.raises(Exception, match="training images"):
+        ox.output_scales(qmodel, BatchLoader(test.head(256), info, 128), 1)
+
+
+def test_fp32_layers_keep_the_run_torch_only(fashion_mnist_model):
+    assert not ox.onnx_exportable(quantize_model(fashion_mnist_model, (8, 32)))
+    assert ox.onnx_exportable(quantize_model(fashion_mnist_model, (8, 8)))
