@@ -1,0 +1,53 @@
+"""The spread of a grid over checkpoints (`python -m mobilenet_compression.spread`), as a
+real subprocess on runs.csv files in the format runs write."""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from tests.test_qat import ROOT
+
+
+def write_sweep(folder, baseline, accs, **params):
+    folder.mkdir(parents=True)
+    rows = [{"run_id": f"r{i}", "status": "finished", "weight_bits": wb, "activation_bits": ab,
+             "baseline_acc": baseline, "quant_acc": acc, "acc_drop": baseline - acc,
+             "calibration": "mse", "bias_correction": True, **params}
+            for i, ((wb, ab), acc) in enumerate(accs.items())]
+    rows.append({**rows[0], "run_id": "dead", "status": "killed", "quant_acc": 0.0})
+    pd.DataFrame(rows).to_csv(folder / "runs.csv", index=False)
+    return str(folder)
+
+
+def spread(*args):
+    return subprocess.run([sys.executable, "-m", "mobilenet_compression.spread", *args],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_spread_gives_mean_std_and_range_per_cell(tmp_path):
+    a = write_sweep(tmp_path / "a", 93.0, {(8, 8): 92.9, (4, 4): 90.0})
+    b = write_sweep(tmp_path / "b", 92.0, {(8, 8): 91.9, (4, 4): 86.0})
+    c = write_sweep(tmp_path / "c", 92.5, {(8, 8): 92.5, (4, 4): 88.0})
+    r = spread(a, b, c, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(tmp_path / "out" / "spread.csv").set_index(
+        ["weight_bits", "activation_bits"])
+    cell = table.loc[(4, 4)]
+    assert cell["count"] == 3  # the killed row is not a measurement
+    assert abs(cell["mean"] - 88.0) < 1e-9 and abs(cell["std"] - 2.0) < 1e-9
+    assert (cell["min"], cell["max"]) == (86.0, 90.0)
+    assert abs(cell["drop_mean"] - 4.5) < 1e-9  # drops 3.0, 6.0, 4.5
+    md = (tmp_path / "out" / "spread.md").read_text()
+    assert "| 4 | 4 | 3 | 88.00 ± 2.00 [86.00..90.00] |" in md
+    assert (tmp_path / "out" / "spread.png").stat().st_size > 10_000
+
+
+def test_sweeps_of_different_configurations_are_refused(tmp_path):
+    a = write_sweep(tmp_path / "a", 93.0, {(8, 8): 92.9})
+    b = write_sweep(tmp_path / "b", 93.0, {(8, 8): 92.0}, bias_correction=False)
+    r = spread(a, b, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "bias_correction" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = spread(a, str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "runs.csv does not exist" in r.stderr
