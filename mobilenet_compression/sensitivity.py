@@ -1,0 +1,232 @@
+"""Per-layer sensitivity: what quantizing ONE layer alone does to the network's outputs.
+
+    python -m mobilenet_compression.sensitivity --checkpoint CKPT [--heatmap PNG]
+
+For each quantized layer (every Conv2d/Linear but the stem and the classifier) and each bit
+width b in 2..8: the layer's weights at b bits (everything else FP32), and separately its
+input activation at b bits (calibrated with `mse` on the same images). The damage is the mean
+KL divergence KL(p_fp32 || p_quantized) of the softmax outputs over a fixed subset of
+TRAINING images (the first `batches` x `batch_size` of the train split; validation and test
+images are refused). KL rather than the loss increase: it needs no labels, it is never
+negative (a quantized layer that happens to lower the training loss of a few images is
+still a change), and it is what the quantized network loses against the FP32 one, which is
+the quantity a bit allocation trades off (HAWQ-V3 and AIMET's AMP use the same kind of
+output-distance proxy).
+
+Results are cached as JSON under the cache folder (default
+~/.cache/mobilenet-compression/sensitivity/), keyed by the checkpoint's SHA-256, the image
+subset and the bit widths, so the runs of a sweep measure them once; a different checkpoint
+gets a different key.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .errors import ArgumentParser, UserError, cli
+from .files import atomic_write
+
+BITS = (2, 3, 4, 5, 6, 7, 8)
+VERSION = 1  # part of the cache key: bump when the measurement changes
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("MOBILENET_COMPRESSION_CACHE")
+                        or os.path.expanduser("~/.cache/mobilenet-compression"), "sensitivity")
+
+
+def _kl(ref_logp, logits):
+    logp = torch.log_softmax(logits.float(), 1)
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(1).mean())
+
+
+def _forward(model, images):
+    with torch.inference_mode():
+        return torch.cat([model(x) for x in images])
+
+
+def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None):
+    """{"layers": [...], "weight": {layer: {"bits": kl}}, "activation": {layer: {...}}}
+    for `fp32` on the first `batches` batches of `loader` (a BatchLoader over the TRAIN
+    split; anything else is a UserError)."""
+    from .quantization import (
+        _training_batches, calibrate, quant_layers, quantize_model)
+
+    total = _training_batches(loader, batches, "sensitivity")
+    images = []
+    for x, _ in loader:
+        images.append(x)
+        if len(images) >= total:
+            break
+    fp32.eval()
+    ref = torch.log_softmax(_forward(fp32, images).float(), 1)
+    out = {"layers": None, "weight": {}, "activation": {}}
+    for b in bits:
+        wq = quantize_model(fp32, (b, 32)).eval()  # every layer's weights at b bits...
+        layers = quant_layers(wq)
+        out["layers"] = [n for n, _ in layers]
+        for name, layer in layers:  # ...switched on one at a time
+            for _, other in layers:
+                other.weight_quant.enabled = other is layer
+            out["weight"].setdefault(name, {})[str(b)] = _kl(ref, _forward(wq, images))
+            if progress:
+                progress()
+        aq = quantize_model(fp32, (32, b)).eval()
+        calibrate(aq, loader, calibration, total)  # observes FP32 inputs: every layer alone
+        layers = quant_layers(aq)
+        for name, layer in layers:
+            for _, other in layers:
+                other.input_quant.mode = "quantize" if other is layer else "off"
+            out["activation"].setdefault(name, {})[str(b)] = _kl(ref, _forward(aq, images))
+            if progress:
+                progress()
+    return out
+
+
+def cache_key(checkpoint_sha256, batches, batch_size, bits, calibration):
+    text = json.dumps([VERSION, checkpoint_sha256, batches, batch_size, list(bits),
+                       calibration])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
+                calibration="mse", cache_dir=None, verbose=True):
+    """The sensitivity table of a checkpoint, from the cache when it holds it. Returns
+    (table, cached: bool)."""
+    from filelock import FileLock
+
+    from .data import BatchLoader, load_dataset
+    from .run import file_digest, load_model
+
+    ckpt, fp32 = load_model(checkpoint)  # every way the checkpoint is wrong: a UserError
+    digest = file_digest(checkpoint)
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, f"{cache_key(digest, batches, batch_size, bits, calibration)}"
+                                   ".json")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = FileLock(path + ".lock", timeout=3600)
+        lock.acquire()
+    except OSError as e:
+        raise UserError(f"cannot write the sensitivity cache {cache_dir} ({e.strerror}); set "
+                        f"MOBILENET_COMPRESSION_CACHE to a folder you can write to.") from None
+    try:
+        if os.path.exists(path):
+            try:
+                table = json.loads(open(path).read())
+                if table.get("checkpoint_sha256") == digest:
+                    return table, True
+            except ValueError:  # a cache, not a result: measure again
+                pass
+        info, train, _, _ = load_dataset(ckpt["dataset"], data_dir or ckpt.get(
+            "args", {}).get("data_dir") or "./data", ckpt.get("args", {}).get("val_size"))
+        loader = BatchLoader(train.head(batches * batch_size), info, batch_size,
+                             channels_last=True)
+        steps = [0]
+        count = 2 * len(bits) * sum(1 for _ in _quantized_names(fp32))
+        t0 = time.perf_counter()
+
+        def tick():
+            steps[0] += 1
+            if verbose and (steps[0] % 25 == 0 or steps[0] == count):
+                print(f"sensitivity: {steps[0]}/{count} layer x bits measured "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+        table = measure(fp32, loader, batches, bits, calibration, tick)
+        table.update(checkpoint=checkpoint, checkpoint_sha256=digest, images=batches *
+                     batch_size, calibration=calibration, metric="mean KL(fp32 || quantized)",
+                     seconds=time.perf_counter() - t0, macs=_macs(fp32, info.input_size))
+        atomic_write(path, lambda f: f.write(json.dumps(table, indent=1).encode()))
+        return table, False
+    finally:
+        lock.release()
+
+
+def _quantized_names(model):
+    from .precision import quantized_layer_names
+
+    return quantized_layer_names(model)
+
+
+def _macs(model, input_size):
+    from .bitops import layer_stats
+
+    return {r["name"]: r["macs"] for r in layer_stats(model, input_size)}
+
+
+def format_table(table):
+    bits = sorted(int(b) for b in next(iter(table["weight"].values())))
+    head = ["layer", "MACs"] + [f"w{b}" for b in bits] + [f"a{b}" for b in bits]
+    lines = ["  ".join(f"{h:>9s}" if i else f"{h:24s}" for i, h in enumerate(head))]
+    for name in table["layers"]:
+        w, a = table["weight"][name], table["activation"][name]
+        cells = [f"{table['macs'].get(name, 0):9d}"]
+        cells += [f"{w[str(b)]:9.2e}" for b in bits] + [f"{a[str(b)]:9.2e}" for b in bits]
+        lines.append(f"{name:24s}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def heatmap(table, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = table["layers"]
+    bits = sorted(int(b) for b in next(iter(table["weight"].values())))
+
+    def grid(kind):
+        return np.array([[table[kind][n][str(b)] for b in bits] for n in names], dtype=float)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, max(6, 0.18 * len(names))), sharey=True)
+    for ax, kind in zip(axes, ("weight", "activation")):
+        g = np.log10(np.maximum(grid(kind), 1e-6))
+        im = ax.imshow(g, aspect="auto", cmap="magma_r", vmin=-6, vmax=1)
+        ax.set_xticks(range(len(bits)), [str(b) for b in bits])
+        ax.set_xlabel(f"{kind} bits (that layer alone)")
+        ax.set_title(f"{kind}: log10 KL(fp32 || quantized)")
+    axes[0].set_yticks(range(len(names)), names, fontsize=6)
+    fig.colorbar(im, ax=axes, shrink=0.6)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+@cli
+def main(argv=None):
+    p = ArgumentParser(prog="python -m mobilenet_compression.sensitivity",
+                       description="Per-layer sensitivity of a checkpoint to weight and "
+                                   "activation bits (each layer alone), on training images.")
+    p.add_argument("--checkpoint", required=True, help="FP32 checkpoint written by train.py")
+    p.add_argument("--data_dir", default=None,
+                   help="dataset folder (default: the one the checkpoint was trained from)")
+    p.add_argument("--batches", type=int, default=2, help="training batches (default: 2)")
+    p.add_argument("--batch_size", type=int, default=128, help="images per batch (default: "
+                   "128)")
+    p.add_argument("--heatmap", default=None, help="write the layer x bits heat map here (PNG)")
+    p.add_argument("--cache_dir", default=None, help="cache folder (default: "
+                   "$MOBILENET_COMPRESSION_CACHE/sensitivity or ~/.cache/...)")
+    from . import threads
+    threads.add_argument(p)
+    args = p.parse_args(argv)
+    if args.batches < 1 or args.batch_size < 1:
+        raise UserError("--batches and --batch_size must be positive integers.")
+    threads.set_threads(args.threads)
+    table, cached = sensitivity(args.checkpoint, args.data_dir, args.batches, args.batch_size,
+                                cache_dir=args.cache_dir)
+    print(format_table(table))
+    print(f"{len(table['layers'])} layers x {len(BITS)} bit widths x weights/activations on "
+          f"{table['images']} training images: "
+          + ("from the cache" if cached else f"measured in {table['seconds']:.0f} s"))
+    if args.heatmap:
+        heatmap(table, args.heatmap)
+        print(f"heat map -> {args.heatmap}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

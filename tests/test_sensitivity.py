@@ -1,0 +1,66 @@
+"""Per-layer sensitivity on the small model trained on the real Fashion-MNIST (conftest)."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mobilenet_compression import sensitivity as sens
+from mobilenet_compression.checkpoint import atomic_save
+from mobilenet_compression.data import BatchLoader
+from mobilenet_compression.errors import UserError
+from tests.conftest import torch_threads
+from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
+
+
+def test_fewer_bits_hurt_more_and_kl_is_never_negative(fashion_mnist, fashion_mnist_model):
+    info, train, _, _ = fashion_mnist
+    loader = BatchLoader(train.head(128), info, 64, channels_last=True)
+    with torch_threads(1):
+        table = sens.measure(fashion_mnist_model, loader, 2, bits=(2, 8))
+    layers = table["layers"]
+    assert len(layers) > 30 and "features.0.0" not in layers and "classifier.1" not in layers
+    for kind in ("weight", "activation"):
+        values = [v for n in layers for v in table[kind][n].values()]
+        assert min(values) >= -1e-6  # a KL divergence (float rounding aside)
+        worse = sum(table[kind][n]["2"] > table[kind][n]["8"] for n in layers)
+        assert worse >= 0.9 * len(layers), (kind, worse, len(layers))
+
+
+def test_sensitivity_refuses_validation_and_test_images(fashion_mnist, fashion_mnist_model):
+    info, _, val, test = fashion_mnist
+    for split in (val, test):
+        with pytest.raises(UserError, match="training images"):
+            sens.measure(fashion_mnist_model, BatchLoader(split.head(64), info, 64), 1,
+                         bits=(8,))
+
+
+def test_cache_is_reused_and_a_different_checkpoint_is_measured_again(
+        tmp_path, small_checkpoint):  # noqa: F811
+    kw = dict(batches=1, batch_size=32, bits=(2, 8), cache_dir=str(tmp_path / "cache"),
+              verbose=False)
+    with torch_threads(1):
+        first, cached1 = sens.sensitivity(str(small_checkpoint), **kw)
+        second, cached2 = sens.sensitivity(str(small_checkpoint), **kw)
+    assert (cached1, cached2) == (False, True) and first == second
+    # Another checkpoint (one weight changed) has another digest: measured, not read.
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(small_checkpoint, weights_only=True)
+    ckpt["model"]["features.1.conv.0.0.weight"] = ckpt["model"][
+        "features.1.conv.0.0.weight"] * 2
+    atomic_save(ckpt, other)
+    with torch_threads(1):
+        third, cached3 = sens.sensitivity(str(other), **kw)
+    assert cached3 is False and third["checkpoint_sha256"] != first["checkpoint_sha256"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    shutil.rmtree(tmp_path / "cache")
+
+
+def test_cli_bad_input_is_one_error_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mobilenet_compression.sensitivity",
+                        "--checkpoint", str(tmp_path / "missing.pt")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "does not exist" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
