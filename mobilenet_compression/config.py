@@ -22,6 +22,10 @@ METHODS = ("ptq", "qat")
 # Who measures quant_acc: PyTorch's fake-quantized model, or ONNX Runtime running the
 # exported int8 QDQ model (onnx_export.py). torch stays the default: README, "ONNX Runtime".
 ENGINES = ("torch", "onnxruntime")
+# Where each layer's bits come from: --weight_bits/--activation_bits everywhere, seed 000's
+# MACs tiers (weights 2/4/8 by block cost), or the integer program of planner.py over the
+# measured sensitivities under --bitops_budget.
+PLANS = ("uniform", "adaptive", "sensitivity")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -59,6 +63,20 @@ def _positive_float(value, flag):
     return number
 
 
+def _budget_text(value):
+    """A --bitops_budget as given ("1.2" GBitOps or "0.5x"), checked for form and sign here;
+    its range needs the model (planner.parse_budget)."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1] if text.lower().endswith("x") else text)
+    except ValueError:
+        raise UserError(f"--bitops_budget must be a number of GBitOps or a fraction of the "
+                        f"W8A8 BitOps such as 0.5x, got {value!r}.") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise UserError(f"--bitops_budget must be positive, got {value!r}.")
+    return text
+
+
 @dataclass(frozen=True)
 class RunConfig:
     checkpoint: str = "checkpoints/best.pt"
@@ -77,6 +95,8 @@ class RunConfig:
     qat_freeze_bn: float = 0.5
     distill: bool = False
     engine: str = "torch"
+    plan: str = "uniform"
+    bitops_budget: str | None = None
     max_eval_samples: int | None = None
     data_dir: str | None = None
     results_dir: str | None = None
@@ -112,6 +132,16 @@ class RunConfig:
         v["bias_correction"] = parse_bool(v["bias_correction"], "--bias_correction")
         v["distill"] = parse_bool(v["distill"], "--distill")
         v["engine"] = _choice(v["engine"], ENGINES, "--engine")
+        v["plan"] = _choice(v["plan"], PLANS, "--plan")
+        if v["plan"] == "sensitivity":
+            if v["bitops_budget"] in (None, ""):
+                raise UserError("--plan sensitivity needs --bitops_budget (GBitOps, or a "
+                                "fraction of the W8A8 BitOps such as 0.5x).")
+            v["bitops_budget"] = _budget_text(v["bitops_budget"])
+        elif v["bitops_budget"] not in (None, ""):
+            raise UserError("--bitops_budget applies to --plan sensitivity only.")
+        else:
+            v["bitops_budget"] = None
         if v["engine"] == "onnxruntime":
             try:
                 import onnxruntime  # noqa: F401
@@ -137,6 +167,8 @@ class RunConfig:
         """The parameters logged with a run (W&B config and runs.csv columns)."""
         keys = ["weight_bits", "activation_bits", "method", "calibration", "calib_batches",
                 "weight_method", "weight_granularity", "bias_correction", "engine", "seed"]
+        if self.plan != "uniform":
+            keys += ["plan"] + (["bitops_budget"] if self.bitops_budget else [])
         if self.method == "qat":
             keys += ["qat_epochs", "qat_lr", "qat_batch_size", "qat_freeze_bn", "distill"]
         return {k: getattr(self, k) for k in keys}

@@ -44,6 +44,7 @@ from .config import (
     CALIBRATION_METHODS,
     ENGINES,
     METHODS,
+    PLANS,
     WEIGHT_GRANULARITIES,
     WEIGHT_METHODS,
     RunConfig,
@@ -118,6 +119,14 @@ def get_args_parser():
                    help="who measures quant_acc: PyTorch's fake-quantized model, or ONNX "
                         "Runtime running the exported int8 ONNX model (PyTorch then checks "
                         f"it on {AGREEMENT_IMAGES} images) (default: %(default)s)")
+    p.add_argument("--plan", default=d.plan, choices=PLANS,
+                   help="bits per layer: uniform (the two flags above everywhere), adaptive "
+                        "(seed 000: weights 2/4/8 by block MACs, activations at "
+                        "--activation_bits), sensitivity (the best plan under --bitops_budget "
+                        "from measured per-layer sensitivities) (default: %(default)s)")
+    p.add_argument("--bitops_budget", default=None,
+                   help="with --plan sensitivity: BitOps per image, in GBitOps (e.g. 0.9) or "
+                        "as a fraction of the W8A8 model's (e.g. 0.5x)")
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="evaluate on only the first N test images (default: all)")
     p.add_argument("--data_dir", default=None,
@@ -309,12 +318,14 @@ def quantize_and_measure(config, run, loaded, progress):
     run_id = run.id if run is not None and run.id else uuid.uuid4().hex[:8]
     checkpoint_sha256 = file_digest(config.checkpoint)
     key = f"{checkpoint_sha256[:16]}:{len(test)}:{device.type}"
+    progress.start("plan")  # a budget no plan meets fails here, before anything is written
+    plan, budget = run_plan(config, fp32, info)
     progress.start("baseline")
     baseline_acc = baseline_accuracy(fp32, test_loader, out_dir, key)
     progress.done["baseline_acc"] = baseline_acc
 
     progress.start("calibrate")
-    qmodel = quantize_model(fp32, (config.weight_bits, config.activation_bits),
+    qmodel = quantize_model(fp32, plan,
                             weight_granularity=config.weight_granularity,
                             weight_method=config.weight_method)
     calib = train.head(config.calib_batches * config.calib_batch_size)
@@ -345,8 +356,10 @@ def quantize_and_measure(config, run, loaded, progress):
     progress.done["quant_acc"] = quant_acc
 
     progress.start("export")
-    model_path = os.path.join(out_dir, "models", f"{run_id}-w{config.weight_bits}"
-                              f"a{config.activation_bits}-{config.method}.safetensors")
+    label = (f"w{config.weight_bits}a{config.activation_bits}" if config.plan == "uniform"
+             else config.plan)
+    model_path = os.path.join(out_dir, "models", f"{run_id}-{label}-{config.method}"
+                                                 f".safetensors")
     roundtrip = export_and_check(qmodel, ckpt, model_path, test, info, device,
                                  {"method": config.method,
                                   "checkpoint_sha256": checkpoint_sha256})
@@ -372,6 +385,7 @@ def quantize_and_measure(config, run, loaded, progress):
     metrics = {
         **config.run_parameters(),
         **plan_bits(rows),
+        **({"bitops_budget": budget} if budget is not None else {}),
         "baseline_acc": baseline_acc,
         "quant_acc": quant_acc,
         "acc_drop": baseline_acc - quant_acc,
@@ -388,7 +402,7 @@ def quantize_and_measure(config, run, loaded, progress):
         "run_seconds": progress.total(),
     }
     metrics["time/total_s"] = metrics["run_seconds"]  # runs.csv: to the end of W&B's finish
-    print(f"W{config.weight_bits}A{config.activation_bits} {config.method} "
+    print(f"{label.upper()} {config.method} "
           f"({config.calibration}, {config.weight_granularity}"
           f"{', bias correction' if config.bias_correction else ''}): quant_acc "
           f"{quant_acc:.2f} (FP32 {baseline_acc:.2f}, drop {metrics['acc_drop']:.2f}), "
@@ -399,6 +413,20 @@ def quantize_and_measure(config, run, loaded, progress):
     row = {"run_id": run_id, **metrics, "checkpoint": config.checkpoint,
            "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"]}
     return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
+
+
+def run_plan(config, fp32, info):
+    """(the precision plan quantize_model takes, the BitOps budget or None)."""
+    if config.plan == "uniform":
+        return (config.weight_bits, config.activation_bits), None
+    if config.plan == "adaptive":
+        return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), None
+    from . import planner, sensitivity
+
+    budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size)
+    table, _ = sensitivity.sensitivity(config.checkpoint, config.data_dir)
+    plan = planner.sensitivity_plan(fp32, info.input_size, table, budget)
+    return plan, budget
 
 
 def plan_bits(rows):
@@ -433,14 +461,22 @@ def log_run(run, metrics, rows, model_path, ckpt, config):
     run.summary.update({**metrics, "status": results.FINISHED})
     columns = ["name", "type", "in_channels", "out_channels", "kernel", "stride",
                "input_hw", "output_hw", "macs", "weight_bits", "activation_bits", "bitops",
-               "weight_bitops"]
+               "bitops_share", "weight_bitops"]
+    total = sum(r["bitops"] for r in rows)
     table = wandb.Table(columns=columns, data=[
         ["x".join(map(str, r[c])) if isinstance(r[c], tuple) else r[c] for c in columns]
-        for r in rows])
-    run.log({"bitops_per_layer": table})
+        for r in ({**r, "bitops_share": r["bitops"] / total} for r in rows)])
+    # The plan, layer by layer (a mixed plan's bits differ from layer to layer): the table and
+    # one bar chart per kind of bits, in the order of the network.
+    run.log({"bitops_per_layer": table,
+             "bits_per_layer/weight": wandb.plot.bar(table, "name", "weight_bits",
+                                                title="weight bits per layer"),
+             "bits_per_layer/activation": wandb.plot.bar(table, "name", "activation_bits",
+                                                    title="activation bits per layer")})
+    label = (f"w{config.weight_bits}a{config.activation_bits}" if config.plan == "uniform"
+             else f"{config.plan}-{config.bitops_budget or ''}".rstrip("-"))
     artifact = wandb.Artifact(
-        f"mobilenetv2-{ckpt['dataset']}-w{ckpt['width_multiplier']:g}-"
-        f"w{config.weight_bits}a{config.activation_bits}-{config.method}",
+        f"mobilenetv2-{ckpt['dataset']}-w{ckpt['width_multiplier']:g}-{label}-{config.method}",
         type="quantized-model", metadata=metrics)
     artifact.add_file(model_path)
     onnx_path = model_path.removesuffix(".safetensors") + ".onnx"

@@ -62,6 +62,7 @@ def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None):
         images.append(x)
         if len(images) >= total:
             break
+    images = [torch.cat(images)]  # one forward per measurement: fewer per-call overheads
     fp32.eval()
     ref = torch.log_softmax(_forward(fp32, images).float(), 1)
     out = {"layers": None, "weight": {}, "activation": {}}

@@ -1,0 +1,86 @@
+"""Mixed-precision plans under a BitOps budget, from per-layer sensitivities.
+
+HAWQ-V3's integer program (Yao et al. 2021, section 3.4), with this package's measured
+sensitivities (sensitivity.py) as the per-layer cost: one binary x[l, w, a] per quantized
+layer l and (weight bits w, input activation bits a) in 2..8 x 2..8,
+
+    minimise    sum  x[l,w,a] * (S_weight[l][w] + S_activation[l][a])
+    subject to  sum_{w,a} x[l,w,a] = 1                  for every layer l
+                sum  x[l,w,a] * MACs[l] * w * a  <=  budget - BitOps of the FP32 layers
+
+solved exactly by HiGHS (through PuLP; CBC where highspy is missing). The sum of one-layer
+KL divergences is the additive approximation every such method makes; the chosen plan's
+BitOps are then counted again by bitops.py, the same code every run's `bitops` comes from,
+and a plan over the budget is an error, never a result.
+
+A budget is "X" (GBitOps per image) or "Fx" (F times the all-8-bit model's BitOps, e.g.
+"0.5x"); it must lie between the all-2-bit and the FP32 BitOps of the model.
+"""
+
+import math
+
+from .bitops import bitops_report
+from .errors import UserError
+from .precision import QUANT_BITS, quantized_layer_names, uniform_plan
+
+GIGA = 1e9
+
+
+def parse_budget(text, model, input_size):
+    """BitOps per image from a --bitops_budget value; every bad value is one UserError."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) if raw.lower().endswith("x") else float(raw)
+    except ValueError:
+        raise UserError(f"--bitops_budget must be a number of GBitOps or a fraction of the "
+                        f"W8A8 BitOps such as 0.5x, got {text!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"--bitops_budget must be positive, got {text!r}.")
+    w8a8 = bitops_report(model, input_size, uniform_plan(model, 8, 8))[1]["bitops"]
+    budget = value * w8a8 if raw.lower().endswith("x") else value * GIGA
+    low = bitops_report(model, input_size, uniform_plan(model, 2, 2))[1]["bitops"]
+    high = bitops_report(model, input_size, {})[1]["bitops"]  # all FP32
+    if budget < low:
+        raise UserError(f"--bitops_budget {text} ({budget / GIGA:.4f} GBitOps) is below the "
+                        f"all-2-bit model's {low / GIGA:.4f} GBitOps: no plan fits.")
+    if budget > high:
+        raise UserError(f"--bitops_budget {text} ({budget / GIGA:.4f} GBitOps) is above the "
+                        f"FP32 model's {high / GIGA:.4f} GBitOps.")
+    return budget
+
+
+def sensitivity_plan(model, input_size, table, budget, bits=QUANT_BITS):
+    """The plan {layer: (weight_bits, activation_bits)} minimising the summed sensitivities
+    with BitOps (as bitops.py counts them) <= budget."""
+    import pulp
+
+    rows, totals = bitops_report(model, input_size, {})
+    names = quantized_layer_names(model)
+    macs = {r["name"]: r["macs"] for r in rows}
+    fp32_part = sum(r["bitops"] for r in rows if r["name"] not in names)
+    missing = [n for n in names if n not in table["weight"] or n not in table["activation"]]
+    if missing:
+        raise UserError(f"the sensitivity table does not cover layer {missing[0]}; measure it "
+                        f"for this checkpoint.")
+    prob = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
+    choice = {(n, w, a): pulp.LpVariable(f"x_{i}_{w}_{a}", cat="Binary")
+              for i, n in enumerate(names) for w in bits for a in bits}
+    prob += pulp.lpSum(v * (table["weight"][n][str(w)] + table["activation"][n][str(a)])
+                       for (n, w, a), v in choice.items())
+    for n in names:
+        prob += pulp.lpSum(choice[n, w, a] for w in bits for a in bits) == 1
+    prob += pulp.lpSum(v * macs[n] * w * a for (n, w, a), v in choice.items()) <= \
+        budget - fp32_part
+    solver = (pulp.HiGHS(msg=False) if "HiGHS" in pulp.listSolvers(onlyAvailable=True)
+              else pulp.PULP_CBC_CMD(msg=False))
+    status = prob.solve(solver)
+    if pulp.LpStatus[status] != "Optimal":
+        raise UserError(f"no plan meets the BitOps budget ({pulp.LpStatus[status]}).")
+    plan = {}
+    for (n, w, a), v in choice.items():
+        if v.value() is not None and v.value() > 0.5:
+            plan[n] = (w, a)
+    counted = bitops_report(model, input_size, plan)[1]["bitops"]
+    if len(plan) != len(names) or counted > budget:
+        raise RuntimeError(f"the solver's plan breaks the budget: {counted} > {budget} BitOps")
+    return plan

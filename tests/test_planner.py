@@ -1,0 +1,116 @@
+"""Mixed-precision plans (planner.py): the budget as bitops.py counts it, sensitive layers get
+more bits, bad budgets are one error line; and one real run with --plan sensitivity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from mobilenet_compression import planner
+from mobilenet_compression.bitops import bitops_report
+from mobilenet_compression.config import RunConfig
+from mobilenet_compression.errors import UserError
+from mobilenet_compression.export import load_quantized
+from mobilenet_compression.precision import QUANT_BITS, quantized_layer_names, uniform_plan
+from mobilenet_compression.quantization import precision_plan
+from tests.test_qat import QUICK, ROOT, env_for, small_checkpoint, summary_of  # noqa: F401
+
+SIZE = 28
+
+
+def flat_table(model, weight=1e-3, activation=1e-3):
+    """A sensitivity table where every layer loses a little more per bit removed."""
+    names = quantized_layer_names(model)
+    per = {str(b): (9 - b) for b in QUANT_BITS}
+    return {"layers": names,
+            "weight": {n: {b: weight * v for b, v in per.items()} for n in names},
+            "activation": {n: {b: activation * v for b, v in per.items()} for n in names}}
+
+
+def test_plan_meets_the_budget_as_bitops_counts_it(fashion_mnist_model):
+    table = flat_table(fashion_mnist_model)
+    for text in ("0.3x", "0.5x", "0.8x"):
+        budget = planner.parse_budget(text, fashion_mnist_model, SIZE)
+        plan = planner.sensitivity_plan(fashion_mnist_model, SIZE, table, budget)
+        counted = bitops_report(fashion_mnist_model, SIZE, plan)[1]["bitops"]
+        assert counted <= budget
+        assert set(plan) == set(quantized_layer_names(fashion_mnist_model))
+    w4a4 = bitops_report(fashion_mnist_model, SIZE, uniform_plan(fashion_mnist_model, 4, 4))
+    plan = planner.sensitivity_plan(fashion_mnist_model, SIZE, table, w4a4[1]["bitops"])
+    assert bitops_report(fashion_mnist_model, SIZE, plan)[1]["bitops"] <= w4a4[1]["bitops"]
+
+
+def test_an_artificially_sensitive_layer_gets_more_bits(fashion_mnist_model):
+    table = flat_table(fashion_mnist_model)
+    budget = planner.parse_budget("0.3x", fashion_mnist_model, SIZE)
+    before = planner.sensitivity_plan(fashion_mnist_model, SIZE, table, budget)
+    # The layer with the most MACs, the one a BitOps budget squeezes first.
+    rows = bitops_report(fashion_mnist_model, SIZE, {})[0]
+    names = set(quantized_layer_names(fashion_mnist_model))
+    big = max((r for r in rows if r["name"] in names), key=lambda r: r["macs"])["name"]
+    assert before[big][0] * before[big][1] < 64  # squeezed below W8A8 at 0.3x
+    table["weight"][big] = {str(b): 10.0 * (9 - b) for b in QUANT_BITS}
+    table["activation"][big] = {str(b): 10.0 * (9 - b) for b in QUANT_BITS}
+    after = planner.sensitivity_plan(fashion_mnist_model, SIZE, table, budget)
+    assert after[big][0] >= before[big][0] and after[big][1] >= before[big][1]
+    assert after[big][0] * after[big][1] > before[big][0] * before[big][1]
+    assert bitops_report(fashion_mnist_model, SIZE, after)[1]["bitops"] <= budget
+
+
+@pytest.mark.parametrize("text, words", [("0.01", "below the all-2-bit"),
+                                         ("1000x", "above the FP32"),
+                                         ("-1", "positive"), ("abc", "must be a number")])
+def test_bad_budgets_are_one_sentence(fashion_mnist_model, text, words):
+    with pytest.raises(UserError, match=words):
+        if words in ("positive", "must be a number"):
+            RunConfig.from_dict({"plan": "sensitivity", "bitops_budget": text})
+        planner.parse_budget(text, fashion_mnist_model, SIZE)
+
+
+def test_budget_and_plan_flags_must_go_together():
+    with pytest.raises(UserError, match="needs --bitops_budget"):
+        RunConfig.from_dict({"plan": "sensitivity"})
+    with pytest.raises(UserError, match="sensitivity only"):
+        RunConfig.from_dict({"plan": "uniform", "bitops_budget": "0.5x"})
+
+
+def test_sensitivity_plan_run_logs_mean_bits_meets_its_budget_and_reloads(
+        tmp_path, small_checkpoint):  # noqa: F811
+    res = tmp_path / "res"
+    env = env_for(tmp_path, MOBILENET_COMPRESSION_CACHE=str(tmp_path / "cache"))
+
+    def run(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args,
+                               "--checkpoint", str(small_checkpoint), "--plan", "sensitivity",
+                               "--wandb_mode", "offline", *QUICK], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+    r = run("--bitops_budget", "0.4x", "--results_dir", str(res))
+    assert r.returncode == 0, r.stderr
+    row = pd.read_csv(res / "runs" / "runs.csv").iloc[0]
+    assert row.plan == "sensitivity" and row.bitops <= row.bitops_budget
+    assert row.weight_bits != int(row.weight_bits) or row.activation_bits != int(
+        row.activation_bits)  # mean bits of a mixed plan
+    assert row.roundtrip_max_abs_diff == 0.0
+    (path,) = (res / "runs" / "models").glob("*sensitivity*.safetensors")
+    assert len(set(precision_plan(load_quantized(str(path))).values())) > 1  # packed mixed
+    assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1
+    # W&B (offline): the plan in the summary, the per-layer table with each layer's BitOps
+    # share, and the two per-layer bits charts.
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    summary = summary_of(run_dir)["summary"]
+    assert summary["plan"] == "sensitivity" and summary["bitops_budget"] == row.bitops_budget
+    layers = json.loads((run_dir / "files" / summary["bitops_per_layer"]["path"]).read_text())
+    share = layers["columns"].index("bitops_share")
+    assert abs(sum(r[share] for r in layers["data"]) - 1) < 1e-6
+    bits = {tuple(r[layers["columns"].index(c)] for c in ("weight_bits", "activation_bits"))
+            for r in layers["data"]} - {(32, 32)}
+    assert len(bits) > 1
+    # The two bar charts (W&B stores a chart as its table plus a panel spec).
+    assert {"bits_per_layer/weight_table", "bits_per_layer/activation_table"} <= set(summary)
+    bad = run("--bitops_budget", "0.001", "--results_dir", str(tmp_path / "r2"))
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:")
+    assert "below the all-2-bit" in bad.stderr and not (tmp_path / "r2").exists()
