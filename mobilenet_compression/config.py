@@ -7,6 +7,7 @@ the same in flags, sweep yamls, W&B config, runs.csv and the docs.
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -67,11 +68,14 @@ def _budget_text(value):
     """A --bitops_budget as given ("1.2" GBitOps or "0.5x"), checked for form and sign here;
     its range needs the model (planner.parse_budget)."""
     text = str(value).strip()
+    if re.fullmatch(r"[wW][2-8][aA][2-8]", text):
+        return text.lower()
     try:
         number = float(text[:-1] if text.lower().endswith("x") else text)
     except ValueError:
-        raise UserError(f"--bitops_budget must be a number of GBitOps or a fraction of the "
-                        f"W8A8 BitOps such as 0.5x, got {value!r}.") from None
+        raise UserError(f"--bitops_budget must be a number of GBitOps, a fraction of the "
+                        f"W8A8 BitOps such as 0.5x, or a uniform plan's such as w4a4, got "
+                        f"{value!r}.") from None
     if not (number > 0 and math.isfinite(number)):
         raise UserError(f"--bitops_budget must be positive, got {value!r}.")
     return text

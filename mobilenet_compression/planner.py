@@ -13,27 +13,36 @@ KL divergences is the additive approximation every such method makes; the chosen
 BitOps are then counted again by bitops.py, the same code every run's `bitops` comes from,
 and a plan over the budget is an error, never a result.
 
-A budget is "X" (GBitOps per image) or "Fx" (F times the all-8-bit model's BitOps, e.g.
-"0.5x"); it must lie between the all-2-bit and the FP32 BitOps of the model.
+A budget is "X" (GBitOps per image), "Fx" (F times the all-8-bit model's BitOps, e.g.
+"0.5x") or "WxAy" (the BitOps of the uniform plan at x weight and y activation bits, e.g.
+"w4a4": the mixed plan that costs what uniform W4A4 costs); it must lie between the
+all-2-bit and the FP32 BitOps of the model.
 """
 
 import math
+import re
 
 from .bitops import bitops_report
 from .errors import UserError
 from .precision import QUANT_BITS, quantized_layer_names, uniform_plan
 
 GIGA = 1e9
+UNIFORM = re.compile(r"[wW]([2-8])[aA]([2-8])")
 
 
 def parse_budget(text, model, input_size):
     """BitOps per image from a --bitops_budget value; every bad value is one UserError."""
     raw = str(text).strip()
+    match = UNIFORM.fullmatch(raw)
+    if match:  # the BitOps of the uniform plan WxAy: its mixed-precision rival
+        w, a = int(match[1]), int(match[2])
+        return bitops_report(model, input_size, uniform_plan(model, w, a))[1]["bitops"]
     try:
         value = float(raw[:-1]) if raw.lower().endswith("x") else float(raw)
     except ValueError:
-        raise UserError(f"--bitops_budget must be a number of GBitOps or a fraction of the "
-                        f"W8A8 BitOps such as 0.5x, got {text!r}.") from None
+        raise UserError(f"--bitops_budget must be a number of GBitOps, a fraction of the "
+                        f"W8A8 BitOps such as 0.5x, or a uniform plan's such as w4a4, got "
+                        f"{text!r}.") from None
     if not math.isfinite(value) or value <= 0:
         raise UserError(f"--bitops_budget must be positive, got {text!r}.")
     w8a8 = bitops_report(model, input_size, uniform_plan(model, 8, 8))[1]["bitops"]

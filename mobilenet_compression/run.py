@@ -125,8 +125,9 @@ def get_args_parser():
                         "--activation_bits), sensitivity (the best plan under --bitops_budget "
                         "from measured per-layer sensitivities) (default: %(default)s)")
     p.add_argument("--bitops_budget", default=None,
-                   help="with --plan sensitivity: BitOps per image, in GBitOps (e.g. 0.9) or "
-                        "as a fraction of the W8A8 model's (e.g. 0.5x)")
+                   help="with --plan sensitivity: BitOps per image, in GBitOps (e.g. 0.9), "
+                        "as a fraction of the W8A8 model's (e.g. 0.5x), or as a uniform plan's "
+                        "(e.g. w4a4)")
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="evaluate on only the first N test images (default: all)")
     p.add_argument("--data_dir", default=None,

@@ -39,8 +39,13 @@ def test_plan_meets_the_budget_as_bitops_counts_it(fashion_mnist_model):
         assert counted <= budget
         assert set(plan) == set(quantized_layer_names(fashion_mnist_model))
     w4a4 = bitops_report(fashion_mnist_model, SIZE, uniform_plan(fashion_mnist_model, 4, 4))
+    assert planner.parse_budget("W4A4", fashion_mnist_model, SIZE) == w4a4[1]["bitops"]
     plan = planner.sensitivity_plan(fashion_mnist_model, SIZE, table, w4a4[1]["bitops"])
     assert bitops_report(fashion_mnist_model, SIZE, plan)[1]["bitops"] <= w4a4[1]["bitops"]
+    # The all-2-bit budget leaves exactly one plan.
+    low = planner.parse_budget("w2a2", fashion_mnist_model, SIZE)
+    assert set(planner.sensitivity_plan(fashion_mnist_model, SIZE, table, low).values()) == \
+        {(2, 2)}
 
 
 def test_an_artificially_sensitive_layer_gets_more_bits(fashion_mnist_model):
@@ -62,7 +67,8 @@ def test_an_artificially_sensitive_layer_gets_more_bits(fashion_mnist_model):
 
 @pytest.mark.parametrize("text, words", [("0.01", "below the all-2-bit"),
                                          ("1000x", "above the FP32"),
-                                         ("-1", "positive"), ("abc", "must be a number")])
+                                         ("-1", "positive"), ("abc", "must be a number"),
+                                         ("w9a4", "must be a number")])
 def test_bad_budgets_are_one_sentence(fashion_mnist_model, text, words):
     with pytest.raises(UserError, match=words):
         if words in ("positive", "must be a number"):
