@@ -7,10 +7,16 @@
   lets you brush ranges on every axis, offline);
 - pareto.png: accuracy against BitOps and against compressed size, Pareto front highlighted.
 
+With `--uniform DIR` (a sweep of uniform bits, e.g. sweeps/bits.yaml's, on the same
+checkpoint) a mixed-precision sweep's report also draws those runs, each kind with its own
+Pareto front, and summary.md gives, for each mixed run, the best uniform run at no more BitOps.
+
 Failed runs are listed in summary.md and left out of the pictures.
 """
 
 from pathlib import Path
+
+import pandas as pd
 
 from mobilenet_compression import results
 from mobilenet_compression.errors import ArgumentParser, UserError, cli
@@ -41,6 +47,9 @@ def get_args_parser():
                              "(or the runs.csv file itself)")
     parser.add_argument("--out_dir", default=None,
                         help="where to write the report (default: the directory of runs.csv)")
+    parser.add_argument("--uniform", default=None, metavar="DIR",
+                        help="a uniform-bits sweep of the same checkpoint to compare mixed "
+                             "precision runs with (its runs.csv folder)")
     return parser
 
 
@@ -79,7 +88,7 @@ def pareto_front(cost, gain):
 
 # Run parameters that are categories rather than numbers: where one varies in a sweep it gets
 # a column in summary.md, a word in the run labels and a categorical parallel-coordinates axis.
-CATEGORIES = ("method", "calibration", "bias_correction", "engine")
+CATEGORIES = ("method", "calibration", "bias_correction", "engine", "plan")
 
 
 def varying_categories(df):
@@ -89,13 +98,29 @@ def varying_categories(df):
 def run_label(row, categories=()):
     if "weight_bits" not in row or "activation_bits" not in row:
         return str(row["run_id"])  # a sweep of something else than bits
-    label = f"W{row['weight_bits']:g}A{row['activation_bits']:g}"
+    if _is_mixed(row):  # MAC-weighted mean bits of a plan that differs from layer to layer
+        label = f"mix W{float(row['weight_bits']):.1f}A{float(row['activation_bits']):.1f}"
+    else:
+        label = f"W{float(row['weight_bits']):g}A{float(row['activation_bits']):g}"
     for c in categories:
+        if c == "plan":
+            continue  # the label says it
         if c == "bias_correction":
             label += " +BC" if str(row[c]) == "True" else ""
         else:
             label += f" {row[c]}"
     return label
+
+
+def _is_mixed(row):
+    return str(row.get("plan", "uniform")) not in ("uniform", "nan")
+
+
+def plan_kind(df):
+    """"mixed" or "uniform" for each run of a table (runs before --plan existed: uniform)."""
+    if "plan" not in df.columns:
+        return ["uniform"] * len(df)
+    return ["mixed" if _is_mixed(r) else "uniform" for _, r in df.iterrows()]
 
 
 def _varies(df, column):
@@ -137,7 +162,34 @@ def _provenance(df):
     return parts
 
 
-def summary_markdown(df, source):
+def mixed_against_uniform(mixed, uniform):
+    """summary.md lines: for each finished mixed run, the best uniform run whose BitOps are
+    at most the mixed run's budget (or its BitOps where no budget was logged)."""
+    rows = []
+    mixed = mixed[[k == "mixed" for k in plan_kind(mixed)]]
+    methods = "method" in mixed.columns and mixed["method"].nunique() > 1
+    for _, m in mixed.sort_values("bitops").iterrows():
+        budget = m.get("bitops_budget", m["bitops"])
+        budget = m["bitops"] if budget != budget else budget
+        pool = uniform[uniform["bitops"] <= budget * (1 + 1e-9)]
+        if methods and "method" in pool.columns:
+            pool = pool[pool["method"] == m["method"]]
+        best = pool.loc[pool["quant_acc"].idxmax()] if len(pool) else None
+        rows.append([_fmt(budget / GIGA, 3), *([m["method"]] if methods else []),
+                     f"W{m['weight_bits']:.2f} A{m['activation_bits']:.2f}",
+                     _fmt(m["bitops"] / GIGA, 3), _fmt(m["quant_acc"]),
+                     "—" if best is None else run_label(best),
+                     "—" if best is None else _fmt(best["quant_acc"]),
+                     "—" if best is None else f"{m['quant_acc'] - best['quant_acc']:+.2f}"])
+    header = ["Budget (G)", *(["Method"] if methods else []), "Mixed: mean bits",
+              "BitOps (G)", "Accuracy", "Best uniform <= budget", "Accuracy", "Mixed - uniform"]
+    return ["## Mixed precision against uniform bits at the same BitOps", "",
+            _markdown_table(header, rows), "",
+            "Mean bits are MAC-weighted over the quantized layers; a budget `wXaY` is the "
+            "BitOps of the uniform WxAy model, so it is always in the uniform pool.", ""]
+
+
+def summary_markdown(df, source, uniform=None):
     done, other = split_runs(df)
     done = sort_runs(done)
     lines = ["# Quantization sweep", ""]
@@ -150,7 +202,7 @@ def summary_markdown(df, source):
     categories = varying_categories(done)
     columns = [("W_bits", "weight_bits", 0), ("A_bits", "activation_bits", 0)]
     columns += [({"calibration": "Calib", "method": "Method", "bias_correction": "Bias corr.",
-                  "engine": "Engine"}[c], c, None) for c in categories]
+                  "engine": "Engine", "plan": "Plan"}[c], c, None) for c in categories]
     columns += [("Accuracy", "quant_acc", 2), ("Drop", "acc_drop", 2),
                 ("ONNX acc", "onnx_acc", 2), ("Agree", "onnx_agreement", 2),
                 ("ONNX x", "onnx_speedup", 2), ("Orig_MB", "orig_mb", 2),
@@ -162,6 +214,8 @@ def summary_markdown(df, source):
         cells = []
         for _, key, digits in columns:
             value = row[key]
+            if key in ("weight_bits", "activation_bits") and float(value) != int(value):
+                digits = 2  # a mixed plan's MAC-weighted mean
             if key == "bitops":
                 value = value / GIGA
             cells.append(str(value) if digits is None else _fmt(value, digits))
@@ -181,6 +235,8 @@ def summary_markdown(df, source):
                       f"{best['quant_acc']:.2f}%.", ""]
     else:
         lines += ["No run finished, so there is no table and no plot.", ""]
+    if uniform is not None and len(done):
+        lines += mixed_against_uniform(done, uniform)
 
     if len(other):
         lines += ["## Runs that did not finish", ""]
@@ -321,7 +377,7 @@ def write_parallel_coordinates_html(df, path):
     return path
 
 
-def _place_labels(fig, ax, xs, ys, texts, front):
+def _place_labels(fig, ax, xs, ys, texts, front, colors=None):
     """Label points without letting labels overprint: front points first, each label tried at
     a few offsets around its point, and dropped (the table has it) where all of them collide."""
     import numpy as np
@@ -335,7 +391,8 @@ def _place_labels(fig, ax, xs, ys, texts, front):
         placed.append(Bbox([[px - 4, py - 4], [px + 4, py + 4]]))
     offsets = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 10), (-5, 10), (5, -18), (-5, -18)]
     for i in sorted(range(len(xs)), key=lambda i: (not front[i], -ys[i])):
-        style = dict(fontsize=8, color="tab:red", fontweight="bold") if front[i] else \
+        color = colors[i] if colors is not None else "tab:red"
+        style = dict(fontsize=8, color=color, fontweight="bold") if front[i] else \
             dict(fontsize=7, color="dimgray")
         for dx, dy in offsets:
             label = ax.annotate(texts[i], (xs[i], ys[i]), textcoords="offset points",
@@ -354,7 +411,8 @@ def _place_labels(fig, ax, xs, ys, texts, front):
 
 def plot_pareto(df, path):
     """Accuracy against BitOps and against compressed size, one panel each; the Pareto front
-    (no run is both cheaper and more accurate) in red, every point labelled WxAy."""
+    (no run is both cheaper and more accurate) in red, every point labelled WxAy. A table with
+    both uniform and mixed-precision runs gets one front per kind (uniform blue, mixed red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,14 +428,19 @@ def plot_pareto(df, path):
     fig, axs = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
     acc = df["quant_acc"].astype(float).to_numpy()
     labels = [run_label(r, categories) for _, r in df.iterrows()]
+    kinds = np.array(plan_kind(df))
+    groups = [("", np.ones(len(df), bool), "tab:red")] if len(set(kinds)) == 1 else [
+        ("uniform ", kinds == "uniform", "tab:blue"), ("mixed ", kinds == "mixed", "tab:red")]
     for ax, (column, title) in zip(axs[0], panels):
         cost = _axis_values(df, column).to_numpy()
-        front = pareto_front(cost, acc)
-        ax.scatter(cost[~front], acc[~front], s=30, color="tab:blue", alpha=0.6,
-                   label="dominated")
-        order = np.argsort(cost[front])
-        ax.plot(cost[front][order], acc[front][order], "-o", color="tab:red", markersize=7,
-                linewidth=1.5, label="Pareto front")
+        for name, member, color in groups:
+            c, a = cost[member], acc[member]
+            front = pareto_front(c, a)
+            ax.scatter(c[~front], a[~front], s=30, color=color if name else "tab:blue",
+                       alpha=0.45, label=f"{name}dominated")
+            order = np.argsort(c[front])
+            ax.plot(c[front][order], a[front][order], "-o", color=color, markersize=7,
+                    linewidth=1.5, label=f"{name}Pareto front")
         if cost.min() > 0 and cost.max() / cost.min() > 20:
             ax.set_xscale("log")  # 2-bit and 32-bit runs differ by orders of magnitude
         ax.set_xlabel(title)
@@ -386,23 +449,43 @@ def plot_pareto(df, path):
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
+    colors = np.empty(len(df), object)
+    for _, member, color in groups:
+        colors[member] = color
     for ax, (column, _) in zip(axs[0], panels):
         cost = _axis_values(df, column).to_numpy()
-        _place_labels(fig, ax, cost, acc, labels, pareto_front(cost, acc))
+        front = np.zeros(len(df), bool)  # each kind's own front
+        for _, member, _ in groups:
+            front[np.flatnonzero(member)[pareto_front(cost[member], acc[member])]] = True
+        _place_labels(fig, ax, cost, acc, labels, front, colors)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def write_report(directory, out_dir=None):
-    """Write summary.md and the pictures for the runs.csv in `directory`; returns the paths."""
+def write_report(directory, out_dir=None, uniform=None):
+    """Write summary.md and the pictures for the runs.csv in `directory` (and, if given, the
+    uniform-bits sweep in `uniform` to compare with); returns the paths."""
     csv_path = results.find_runs_csv(directory)
     df = results.read_runs(csv_path)
+    other = None
+    if uniform is not None:
+        other = split_runs(results.read_runs(results.find_runs_csv(uniform)))[0]
+        other = other[[k == "uniform" for k in plan_kind(other)]]
+        if not len(other) or not {"bitops", "quant_acc"} <= set(other.columns):
+            raise UserError(f"--uniform {uniform} has no finished uniform-bits run to compare "
+                            f"with.")
+        for key in ("checkpoint_sha256", "checkpoint"):
+            if key in df.columns and key in other.columns:
+                if set(df[key].dropna().astype(str)) != set(other[key].dropna().astype(str)):
+                    raise UserError(f"--uniform {uniform} comes from another checkpoint "
+                                    f"({key} differs): its runs cannot be compared.")
+                break
     out = Path(out_dir) if out_dir else csv_path.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
         summary = out / "summary.md"
-        summary.write_text(summary_markdown(df, csv_path))
+        summary.write_text(summary_markdown(df, csv_path, other))
     except OSError as e:
         raise UserError(f"cannot write the report to {out} ({e.strerror or e}); "
                         f"pass --out_dir a writable directory") from None
@@ -413,7 +496,9 @@ def write_report(directory, out_dir=None):
         done = sort_runs(done)
         written.append(plot_parallel_coordinates(done, out / "parallel_coordinates.png"))
         written.append(write_parallel_coordinates_html(done, out / "parallel_coordinates.html"))
-        pareto = plot_pareto(done, out / "pareto.png")
+        both = done if other is None else pd.concat([done, other.assign(plan="uniform")],
+                                                    ignore_index=True)
+        pareto = plot_pareto(both, out / "pareto.png")
         if pareto:
             written.append(pareto)
     return written
@@ -422,6 +507,6 @@ def write_report(directory, out_dir=None):
 @cli
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    for path in write_report(args.report, args.out_dir):
+    for path in write_report(args.report, args.out_dir, args.uniform):
         print(path)
     return 0

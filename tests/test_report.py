@@ -241,3 +241,49 @@ def test_report_of_a_method_sweep_has_a_method_column_axis_and_labels(tmp_path):
     assert re.search(r"Best accuracy: W\d+A\d+ qat at 99\.00%", summary), summary
     html = (sweep_dir / "parallel_coordinates.html").read_text().replace(" ", "")
     assert '"label":"method"' in html and '"ticktext":["ptq","qat"]' in html
+
+
+def fake_mixed_sweep(results_dir, uniform_dir):
+    """A mixed-precision sweep's runs.csv: for each of three budgets (a uniform plan's
+    BitOps), a run with fractional mean bits at that budget, 1 point above the uniform run."""
+    uniform = pd.read_csv(uniform_dir / "runs.csv").dropna(subset=["quant_acc"])
+    for i, (w, a) in enumerate(((4, 4), (3, 3), (2, 4))):
+        u = uniform[(uniform.weight_bits == w) & (uniform.activation_bits == a)].iloc[0]
+        results.append_run(results_dir, "mixed001", {
+            "run_id": f"mix{i:05d}", "plan": "sensitivity", "weight_bits": w - 0.37,
+            "activation_bits": a + 0.21, "checkpoint": "checkpoints/best.pt",
+            "dataset": "cifar10", "baseline_acc": 93.71, "quant_acc": u.quant_acc + 1,
+            "acc_drop": u.acc_drop - 1, "orig_mb": 8.71, "compressed_mb": u.compressed_mb,
+            "compression_ratio": u.compression_ratio, "bitops": u.bitops * 0.99,
+            "bitops_budget": u.bitops, "bitops_fp32": 9.6e10, "macs": 9.4e7})
+    return Path(results_dir) / "mixed001"
+
+
+def test_mixed_report_sets_each_run_beside_the_best_uniform_run_under_its_budget(tmp_path):
+    uniform = fake_sweep(tmp_path / "uniform", failed=())
+    mixed = fake_mixed_sweep(tmp_path / "mixed", uniform)
+    out = sweep_py(["--report", str(mixed), "--uniform", str(uniform)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    summary = (mixed / "summary.md").read_text()
+    assert "| 3.63 | 4.21 |" in summary  # mean bits keep their decimals
+    assert "## Mixed precision against uniform bits at the same BitOps" in summary
+    section = summary.split("## Mixed precision against uniform")[1]
+    rows = [line.strip("| ").split(" | ") for line in section.splitlines()
+            if line.startswith("| ") and "Budget" not in line]
+    assert len(rows) == 3
+    rows = {r[1]: r for r in rows}
+    # At the W4A4 budget the best uniform run within it is W4A4 itself (W8A2 and W2A8 cost
+    # as much but lose more in fake_sweep's numbers), and the mixed run is 1 point above it.
+    assert rows["W3.63 A4.21"][4] == "W4A4" and rows["W3.63 A4.21"][6] == "+1.00"
+    assert rows["W2.63 A3.21"][4] == "W3A3" and rows["W2.63 A3.21"][6] == "+1.00"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(mixed / "pareto.png")
+    assert image.std() > 0.05
+    # Another checkpoint's uniform runs are refused, and so is a folder of none.
+    table = pd.read_csv(uniform / "runs.csv")
+    table["checkpoint"] = "elsewhere/best.pt"
+    table.to_csv(uniform / "runs.csv", index=False)
+    bad = sweep_py(["--report", str(mixed), "--uniform", str(uniform)], tmp_path)
+    assert bad.returncode == 2 and "another checkpoint" in bad.stderr
+    assert bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
