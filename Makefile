@@ -1,12 +1,14 @@
 # The README's two commands: `make demo` (the main job end to end, offline) and `make test`.
 # Both first make sure the environment exists: a virtualenv cached outside the clone, keyed
-# by the hash of requirements.txt, and Debian's real Fashion-MNIST files.
+# by the hash of requirements.txt, and Debian's real Fashion-MNIST files; `make test` also
+# Debian's headless Chromium and its driver (the plan explorer's browser test).
 
 SHELL := /bin/bash
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 VENV ?= $(HOME)/.cache/mobilenet-compression/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+CHROMEDRIVER := /usr/bin/chromedriver
 export WANDB_MODE ?= offline
 
 .PHONY: setup demo test venv-path
@@ -27,6 +29,11 @@ $(FASHION_MNIST):
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist
 
+# Headless Chromium and its driver: tests/test_explorer.py drives the plan explorer page in it.
+$(CHROMEDRIVER):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium chromium-driver
+
 # 1. A short FP32 training on real Fashion-MNIST (3 epochs over the 55,000 training images:
 #    88.68% test accuracy, README.md), W&B offline, into checkpoints/ (the path
 #    sweeps/bits.yaml names). An existing checkpoints/best.pt is reused, never overwritten.
@@ -41,5 +48,5 @@ checkpoints/best.pt: | setup
 demo: checkpoints/best.pt
 	$(PY) sweep.py --sweep sweeps/bits.yaml --agents 2 --results_dir runs/demo
 
-test: setup
+test: setup $(CHROMEDRIVER)
 	$(PY) -m pytest -q
