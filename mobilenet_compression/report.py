@@ -47,9 +47,9 @@ def get_args_parser():
                              "(or the runs.csv file itself)")
     parser.add_argument("--out_dir", default=None,
                         help="where to write the report (default: the directory of runs.csv)")
-    parser.add_argument("--uniform", default=None, metavar="DIR",
-                        help="a uniform-bits sweep of the same checkpoint to compare mixed "
-                             "precision runs with (its runs.csv folder)")
+    parser.add_argument("--uniform", default=None, metavar="DIR", nargs="+",
+                        help="uniform-bits sweeps of the same checkpoint to compare mixed "
+                             "precision runs with (their runs.csv folders)")
     return parser
 
 
@@ -469,17 +469,20 @@ def write_report(directory, out_dir=None, uniform=None):
     csv_path = results.find_runs_csv(directory)
     df = results.read_runs(csv_path)
     other = None
-    if uniform is not None:
-        other = split_runs(results.read_runs(results.find_runs_csv(uniform)))[0]
+    if uniform:
+        uniform = [uniform] if isinstance(uniform, (str, Path)) else list(uniform)
+        other = pd.concat([split_runs(results.read_runs(results.find_runs_csv(u)))[0]
+                           for u in uniform], ignore_index=True)
         other = other[[k == "uniform" for k in plan_kind(other)]]
         if not len(other) or not {"bitops", "quant_acc"} <= set(other.columns):
-            raise UserError(f"--uniform {uniform} has no finished uniform-bits run to compare "
-                            f"with.")
+            raise UserError(f"--uniform {' '.join(map(str, uniform))} has no finished "
+                            f"uniform-bits run to compare with.")
         for key in ("checkpoint_sha256", "checkpoint"):
             if key in df.columns and key in other.columns:
                 if set(df[key].dropna().astype(str)) != set(other[key].dropna().astype(str)):
-                    raise UserError(f"--uniform {uniform} comes from another checkpoint "
-                                    f"({key} differs): its runs cannot be compared.")
+                    raise UserError(f"--uniform {' '.join(map(str, uniform))} comes from "
+                                    f"another checkpoint ({key} differs): its runs cannot be "
+                                    f"compared.")
                 break
     out = Path(out_dir) if out_dir else csv_path.parent
     try:
