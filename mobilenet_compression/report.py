@@ -168,7 +168,8 @@ def mixed_against_uniform(mixed, uniform):
     rows = []
     mixed = mixed[[k == "mixed" for k in plan_kind(mixed)]]
     methods = "method" in mixed.columns and mixed["method"].nunique() > 1
-    for _, m in mixed.sort_values("bitops").iterrows():
+    order = [c for c in ("bitops", "method") if c in mixed.columns]
+    for _, m in mixed.sort_values(order).iterrows():
         budget = m.get("bitops_budget", m["bitops"])
         budget = m["bitops"] if budget != budget else budget
         pool = uniform[uniform["bitops"] <= budget * (1 + 1e-9)]
