@@ -101,6 +101,7 @@ class RunConfig:
     engine: str = "torch"
     plan: str = "uniform"
     bitops_budget: str | None = None
+    size_budget_mb: float | None = None
     max_eval_samples: int | None = None
     data_dir: str | None = None
     results_dir: str | None = None
@@ -137,15 +138,20 @@ class RunConfig:
         v["distill"] = parse_bool(v["distill"], "--distill")
         v["engine"] = _choice(v["engine"], ENGINES, "--engine")
         v["plan"] = _choice(v["plan"], PLANS, "--plan")
+        given = [f for f in ("bitops_budget", "size_budget_mb") if v[f] not in (None, "")]
         if v["plan"] == "sensitivity":
-            if v["bitops_budget"] in (None, ""):
-                raise UserError("--plan sensitivity needs --bitops_budget (GBitOps, or a "
-                                "fraction of the W8A8 BitOps such as 0.5x).")
-            v["bitops_budget"] = _budget_text(v["bitops_budget"])
-        elif v["bitops_budget"] not in (None, ""):
-            raise UserError("--bitops_budget applies to --plan sensitivity only.")
-        else:
-            v["bitops_budget"] = None
+            if not given:
+                raise UserError("--plan sensitivity needs --bitops_budget (GBitOps, a fraction "
+                                "of the W8A8 BitOps such as 0.5x, or w4a4) or --size_budget_mb.")
+            if len(given) == 2:
+                raise UserError("give one budget, --bitops_budget or --size_budget_mb, not "
+                                "both.")
+        elif given:
+            raise UserError(f"--{given[0]} applies to --plan sensitivity only.")
+        v["bitops_budget"] = (_budget_text(v["bitops_budget"])
+                              if "bitops_budget" in given else None)
+        v["size_budget_mb"] = (_positive_float(v["size_budget_mb"], "--size_budget_mb")
+                               if "size_budget_mb" in given else None)
         if v["engine"] == "onnxruntime":
             try:
                 import onnxruntime  # noqa: F401
@@ -172,7 +178,8 @@ class RunConfig:
         keys = ["weight_bits", "activation_bits", "method", "calibration", "calib_batches",
                 "weight_method", "weight_granularity", "bias_correction", "engine", "seed"]
         if self.plan != "uniform":
-            keys += ["plan"] + (["bitops_budget"] if self.bitops_budget else [])
+            keys += ["plan"] + (["bitops_budget"] if self.bitops_budget else []) + (
+                ["size_budget_mb"] if self.size_budget_mb else [])
         if self.method == "qat":
             keys += ["qat_epochs", "qat_lr", "qat_batch_size", "qat_freeze_bn", "distill"]
         return {k: getattr(self, k) for k in keys}

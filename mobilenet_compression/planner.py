@@ -27,6 +27,10 @@ from .errors import UserError
 from .precision import QUANT_BITS, quantized_layer_names, uniform_plan
 
 GIGA = 1e9
+MIB = 2**20
+# Bytes kept free under a size budget for what the size prediction does not follow: the
+# digits of the offsets in the file's JSON header (0.01% of the file at most on the grid).
+SIZE_MARGIN = 1024
 UNIFORM = re.compile(r"[wW]([2-8])[aA]([2-8])")
 
 
@@ -58,10 +62,40 @@ def parse_budget(text, model, input_size):
     return budget
 
 
-def sensitivity_plan(model, input_size, table, budget, bits=QUANT_BITS):
+def size_model(checkpoint, ckpt, fp32, train, info, bias_correction):
+    """Fixed bytes of this checkpoint's exported file: a real W8A8 export (prepared as a run
+    prepares one) minus its packed weights; a plan adds ceil(parameters x bits / 8) per layer."""
+    from .explorer import reference_size
+    from .precision import weight_layers
+
+    names = set(quantized_layer_names(fp32))
+    packed = sum(m.weight.numel() for n, m in weight_layers(fp32) if n in names)  # 8 bits
+    return reference_size(ckpt, fp32, checkpoint, train, info, bias_correction) - packed
+
+
+def parse_size_budget(value, fixed, model):
+    """Bytes from --size_budget_mb (MiB, as compressed_mb counts them); one UserError when no
+    plan can fit (below the all-2-bit file) ."""
+    names = set(quantized_layer_names(model))
+    from .precision import weight_layers
+
+    low = fixed + sum(math.ceil(m.weight.numel() * 2 / 8) for n, m in weight_layers(model)
+                      if n in names) + SIZE_MARGIN
+    limit = value * MIB
+    if limit < low:
+        raise UserError(f"--size_budget_mb {value:g} is below the all-2-bit file of this "
+                        f"checkpoint ({low / MIB:.4f} MB): no plan fits.")
+    return limit
+
+
+def sensitivity_plan(model, input_size, table, budget=None, bits=QUANT_BITS, size=None):
     """The plan {layer: (weight_bits, activation_bits)} minimising the summed sensitivities
-    with BitOps (as bitops.py counts them) <= budget."""
+    with BitOps (as bitops.py counts them) <= budget and/or, with `size` = (fixed bytes,
+    byte budget), the predicted file size (fixed bytes + each layer's packed weights,
+    ceil(parameters x bits / 8)) <= the byte budget."""
     import pulp
+
+    from .precision import weight_layers
 
     rows, totals = bitops_report(model, input_size, {})
     names = quantized_layer_names(model)
@@ -78,18 +112,25 @@ def sensitivity_plan(model, input_size, table, budget, bits=QUANT_BITS):
                        for (n, w, a), v in choice.items())
     for n in names:
         prob += pulp.lpSum(choice[n, w, a] for w in bits for a in bits) == 1
-    prob += pulp.lpSum(v * macs[n] * w * a for (n, w, a), v in choice.items()) <= \
-        budget - fp32_part
+    if budget is not None:
+        prob += pulp.lpSum(v * macs[n] * w * a for (n, w, a), v in choice.items()) <= \
+            budget - fp32_part
+    if size is not None:
+        fixed, limit = size
+        params = {n: m.weight.numel() for n, m in weight_layers(model)}
+        prob += pulp.lpSum(v * math.ceil(params[n] * w / 8) for (n, w, a), v in
+                           choice.items()) <= limit - fixed - SIZE_MARGIN
     solver = (pulp.HiGHS(msg=False) if "HiGHS" in pulp.listSolvers(onlyAvailable=True)
               else pulp.PULP_CBC_CMD(msg=False))
     status = prob.solve(solver)
     if pulp.LpStatus[status] != "Optimal":
-        raise UserError(f"no plan meets the BitOps budget ({pulp.LpStatus[status]}).")
+        raise UserError(f"no plan meets the {'size' if size is not None else 'BitOps'} "
+                        f"budget ({pulp.LpStatus[status]}).")
     plan = {}
     for (n, w, a), v in choice.items():
         if v.value() is not None and v.value() > 0.5:
             plan[n] = (w, a)
     counted = bitops_report(model, input_size, plan)[1]["bitops"]
-    if len(plan) != len(names) or counted > budget:
+    if len(plan) != len(names) or (budget is not None and counted > budget):
         raise RuntimeError(f"the solver's plan breaks the budget: {counted} > {budget} BitOps")
     return plan

@@ -128,6 +128,9 @@ def get_args_parser():
                    help="with --plan sensitivity: BitOps per image, in GBitOps (e.g. 0.9), "
                         "as a fraction of the W8A8 model's (e.g. 0.5x), or as a uniform plan's "
                         "(e.g. w4a4)")
+    p.add_argument("--size_budget_mb", default=None,
+                   help="with --plan sensitivity, instead of --bitops_budget: the exported "
+                        "file's size in MB (MiB, as compressed_mb counts it)")
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="evaluate on only the first N test images (default: all)")
     p.add_argument("--data_dir", default=None,
@@ -320,7 +323,7 @@ def quantize_and_measure(config, run, loaded, progress):
     checkpoint_sha256 = file_digest(config.checkpoint)
     key = f"{checkpoint_sha256[:16]}:{len(test)}:{device.type}"
     progress.start("plan")  # a budget no plan meets fails here, before anything is written
-    plan, budget = run_plan(config, fp32, info)
+    plan, budget, size_limit = run_plan(config, ckpt, fp32, info, train)
     progress.start("baseline")
     baseline_acc = baseline_accuracy(fp32, test_loader, out_dir, key)
     progress.done["baseline_acc"] = baseline_acc
@@ -367,6 +370,9 @@ def quantize_and_measure(config, run, loaded, progress):
     rows, totals = bitops.bitops_report(fp32, info.input_size, precision_plan(qmodel))
     size = compression_metrics(qmodel, ckpt["model"], model_path, info.input_size,
                                info.in_channels)
+    if size_limit is not None and os.path.getsize(model_path) > size_limit:
+        raise RuntimeError(f"the plan's file is {os.path.getsize(model_path)} bytes, over the "
+                           f"size budget of {int(size_limit)}: the size prediction is wrong")
     onnx = {}
     if onnx_export.onnx_exportable(qmodel) and onnx_export.available():
         progress.start("onnx")
@@ -416,18 +422,25 @@ def quantize_and_measure(config, run, loaded, progress):
     return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
 
 
-def run_plan(config, fp32, info):
-    """(the precision plan quantize_model takes, the BitOps budget or None)."""
+def run_plan(config, ckpt, fp32, info, train):
+    """(the precision plan quantize_model takes, the BitOps budget or None, the size budget
+    in bytes or None)."""
     if config.plan == "uniform":
-        return (config.weight_bits, config.activation_bits), None
+        return (config.weight_bits, config.activation_bits), None, None
     if config.plan == "adaptive":
-        return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), None
+        return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), None, None
     from . import planner, sensitivity
 
-    budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size)
+    budget = size = None
+    if config.bitops_budget:
+        budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size)
+    else:
+        fixed = planner.size_model(config.checkpoint, ckpt, fp32, train, info,
+                                   config.bias_correction)
+        size = (fixed, planner.parse_size_budget(config.size_budget_mb, fixed, fp32))
     table, _ = sensitivity.sensitivity(config.checkpoint, config.data_dir)
-    plan = planner.sensitivity_plan(fp32, info.input_size, table, budget)
-    return plan, budget
+    plan = planner.sensitivity_plan(fp32, info.input_size, table, budget, size=size)
+    return plan, budget, size and size[1]
 
 
 def plan_bits(rows):
@@ -475,7 +488,8 @@ def log_run(run, metrics, rows, model_path, ckpt, config):
              "bits_per_layer/activation": wandb.plot.bar(table, "name", "activation_bits",
                                                     title="activation bits per layer")})
     label = (f"w{config.weight_bits}a{config.activation_bits}" if config.plan == "uniform"
-             else f"{config.plan}-{config.bitops_budget or ''}".rstrip("-"))
+             else f"{config.plan}-{config.bitops_budget or ''}"
+                  f"{config.size_budget_mb and f'{config.size_budget_mb:g}mb' or ''}".rstrip("-"))
     artifact = wandb.Artifact(
         f"mobilenetv2-{ckpt['dataset']}-w{ckpt['width_multiplier']:g}-{label}-{config.method}",
         type="quantized-model", metadata=metrics)

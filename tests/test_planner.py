@@ -81,6 +81,32 @@ def test_budget_and_plan_flags_must_go_together():
         RunConfig.from_dict({"plan": "sensitivity"})
     with pytest.raises(UserError, match="sensitivity only"):
         RunConfig.from_dict({"plan": "uniform", "bitops_budget": "0.5x"})
+    with pytest.raises(UserError, match="size_budget_mb applies to --plan sensitivity only"):
+        RunConfig.from_dict({"plan": "adaptive", "size_budget_mb": "0.3"})
+    with pytest.raises(UserError, match="not both"):
+        RunConfig.from_dict({"plan": "sensitivity", "bitops_budget": "w4a4",
+                             "size_budget_mb": "0.3"})
+    for bad in ("-0.3", "0", "big", "nan"):
+        with pytest.raises(UserError, match="--size_budget_mb must be a positive number"):
+            RunConfig.from_dict({"plan": "sensitivity", "size_budget_mb": bad})
+
+
+def test_size_budget_plan_fits_the_predicted_file(fashion_mnist_model):
+    from mobilenet_compression.precision import weight_layers
+
+    table = flat_table(fashion_mnist_model)
+    names = set(quantized_layer_names(fashion_mnist_model))
+    params = {n: m.weight.numel() for n, m in weight_layers(fashion_mnist_model) if n in names}
+    fixed = 50_000
+    at = {b: fixed + sum(-(-p * b // 8) for p in params.values()) for b in (2, 4, 8)}
+    limit = (at[4] + at[8]) / 2
+    plan = planner.sensitivity_plan(fashion_mnist_model, SIZE, table, size=(fixed, limit))
+    packed = sum(-(-params[n] * plan[n][0] // 8) for n in params)
+    assert fixed + packed <= limit - planner.SIZE_MARGIN
+    assert {w for w, _ in plan.values()} != {8}  # the budget binds: some layers below 8 bits
+    assert {a for _, a in plan.values()} == {8}  # activations cost no bytes: kept at 8
+    with pytest.raises(UserError, match="below the all-2-bit file"):
+        planner.parse_size_budget((at[2] - 1) / planner.MIB, fixed, fashion_mnist_model)
 
 
 def test_sensitivity_plan_run_logs_mean_bits_meets_its_budget_and_reloads(
@@ -117,6 +143,17 @@ def test_sensitivity_plan_run_logs_mean_bits_meets_its_budget_and_reloads(
     assert len(bits) > 1
     # The two bar charts (W&B stores a chart as its table plus a panel spec).
     assert {"bits_per_layer/weight_table", "bits_per_layer/activation_table"} <= set(summary)
+    # A size budget 3% under that file: the next run's real file fits it (the sensitivity
+    # comes from the cache this time).
+    limit = round(row.compressed_mb * 0.97, 4)
+    r = run("--size_budget_mb", str(limit), "--results_dir", str(res))
+    assert r.returncode == 0, r.stderr
+    sized = pd.read_csv(res / "runs" / "runs.csv").iloc[1]
+    assert sized.size_budget_mb == limit and sized.compressed_mb <= limit
+    assert sized.roundtrip_max_abs_diff == 0.0
+    bad = run("--size_budget_mb", "0.01", "--results_dir", str(tmp_path / "r3"))
+    assert bad.returncode == 2 and "below the all-2-bit file" in bad.stderr
+    assert not (tmp_path / "r3").exists()
     bad = run("--bitops_budget", "0.001", "--results_dir", str(tmp_path / "r2"))
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:")
     assert "below the all-2-bit" in bad.stderr and not (tmp_path / "r2").exists()
