@@ -102,6 +102,7 @@ class RunConfig:
     plan: str = "uniform"
     bitops_budget: str | None = None
     size_budget_mb: float | None = None
+    sensitivity_images: int = 256
     max_eval_samples: int | None = None
     data_dir: str | None = None
     results_dir: str | None = None
@@ -126,7 +127,8 @@ class RunConfig:
         v["weight_method"] = _choice(v["weight_method"], WEIGHT_METHODS, "--weight_method")
         v["weight_granularity"] = _choice(v["weight_granularity"], WEIGHT_GRANULARITIES,
                                           "--weight_granularity")
-        for name in ("calib_batches", "calib_batch_size", "qat_batch_size", "seed"):
+        for name in ("calib_batches", "calib_batch_size", "qat_batch_size",
+                     "sensitivity_images", "seed"):
             if name == "seed":
                 if isinstance(v[name], bool) or not isinstance(v[name], numbers.Integral):
                     raise UserError(f"--seed must be an integer, got {v[name]!r}.")
@@ -180,6 +182,8 @@ class RunConfig:
         if self.plan != "uniform":
             keys += ["plan"] + (["bitops_budget"] if self.bitops_budget else []) + (
                 ["size_budget_mb"] if self.size_budget_mb else [])
+            if self.plan == "sensitivity":
+                keys.append("sensitivity_images")
         if self.method == "qat":
             keys += ["qat_epochs", "qat_lr", "qat_batch_size", "qat_freeze_bn", "distill"]
         return {k: getattr(self, k) for k in keys}

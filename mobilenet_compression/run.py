@@ -131,6 +131,9 @@ def get_args_parser():
     p.add_argument("--size_budget_mb", default=None,
                    help="with --plan sensitivity, instead of --bitops_budget: the exported "
                         "file's size in MB (MiB, as compressed_mb counts it)")
+    p.add_argument("--sensitivity_images", type=int, default=d.sensitivity_images,
+                   help="with --plan sensitivity: training images the per-layer sensitivities "
+                        "are measured on (cached per checkpoint) (default: %(default)s)")
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="evaluate on only the first N test images (default: all)")
     p.add_argument("--data_dir", default=None,
@@ -438,7 +441,9 @@ def run_plan(config, ckpt, fp32, info, train):
         fixed = planner.size_model(config.checkpoint, ckpt, fp32, train, info,
                                    config.bias_correction)
         size = (fixed, planner.parse_size_budget(config.size_budget_mb, fixed, fp32))
-    table, _ = sensitivity.sensitivity(config.checkpoint, config.data_dir)
+    n = config.sensitivity_images  # 256 (the default) is the CLI's 2 x 128: the same cache
+    batches, batch_size = (n // 128, 128) if n % 128 == 0 else (1, n)
+    table, _ = sensitivity.sensitivity(config.checkpoint, config.data_dir, batches, batch_size)
     plan = planner.sensitivity_plan(fp32, info.input_size, table, budget, size=size)
     return plan, budget, size and size[1]
 

@@ -86,6 +86,9 @@ def test_budget_and_plan_flags_must_go_together():
     with pytest.raises(UserError, match="not both"):
         RunConfig.from_dict({"plan": "sensitivity", "bitops_budget": "w4a4",
                              "size_budget_mb": "0.3"})
+    with pytest.raises(UserError, match="--sensitivity_images"):
+        RunConfig.from_dict({"plan": "sensitivity", "bitops_budget": "w4a4",
+                             "sensitivity_images": 0})
     for bad in ("-0.3", "0", "big", "nan"):
         with pytest.raises(UserError, match="--size_budget_mb must be a positive number"):
             RunConfig.from_dict({"plan": "sensitivity", "size_budget_mb": bad})
@@ -117,6 +120,7 @@ def test_sensitivity_plan_run_logs_mean_bits_meets_its_budget_and_reloads(
     def run(*args):
         return subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args,
                                "--checkpoint", str(small_checkpoint), "--plan", "sensitivity",
+                               "--sensitivity_images", "32",  # 256 by default: slow here
                                "--wandb_mode", "offline", *QUICK], cwd=tmp_path, env=env,
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
@@ -124,6 +128,7 @@ def test_sensitivity_plan_run_logs_mean_bits_meets_its_budget_and_reloads(
     assert r.returncode == 0, r.stderr
     row = pd.read_csv(res / "runs" / "runs.csv").iloc[0]
     assert row.plan == "sensitivity" and row.bitops <= row.bitops_budget
+    assert row.sensitivity_images == 32
     assert row.weight_bits != int(row.weight_bits) or row.activation_bits != int(
         row.activation_bits)  # mean bits of a mixed plan
     assert row.roundtrip_max_abs_diff == 0.0
