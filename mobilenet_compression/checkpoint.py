@@ -9,6 +9,7 @@ Later commands need only the checkpoint's path: the model is rebuilt from the me
 """
 
 import os
+import warnings
 
 import torch
 
@@ -32,7 +33,11 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; train one with `python train.py`.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A damaged file can look like a legacy pickle: torch then warns about its protocol
+            # before failing, which would be a second line beside the one error below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle/EOF errors all mean "not a readable checkpoint"
         raise UserError(
             f"checkpoint {path} is corrupt or not a PyTorch file ({type(e).__name__}); "
