@@ -64,11 +64,15 @@ def _positive_float(value, flag):
     return number
 
 
-def _budget_text(value):
+# A --bitops_budget that names a uniform plan ("w4a4"): its BitOps are the budget.
+UNIFORM_BUDGET = re.compile(r"[wW]([2-8])[aA]([2-8])")
+
+
+def budget_text(value):
     """A --bitops_budget as given ("1.2" GBitOps or "0.5x"), checked for form and sign here;
     its range needs the model (planner.parse_budget)."""
     text = str(value).strip()
-    if re.fullmatch(r"[wW][2-8][aA][2-8]", text):
+    if UNIFORM_BUDGET.fullmatch(text):
         return text.lower()
     try:
         number = float(text[:-1] if text.lower().endswith("x") else text)
@@ -150,7 +154,7 @@ class RunConfig:
                                 "both.")
         elif given:
             raise UserError(f"--{given[0]} applies to --plan sensitivity only.")
-        v["bitops_budget"] = (_budget_text(v["bitops_budget"])
+        v["bitops_budget"] = (budget_text(v["bitops_budget"])
                               if "bitops_budget" in given else None)
         v["size_budget_mb"] = (_positive_float(v["size_budget_mb"], "--size_budget_mb")
                                if "size_budget_mb" in given else None)

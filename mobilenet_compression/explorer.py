@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -179,29 +178,6 @@ def fit_points(runs, layers):
     return points
 
 
-def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction):
-    """Bytes of the file export.py writes for this checkpoint at W8A8, prepared as run.py
-    prepares a run (calibrate, bias correction, convert), on 32 training images since only
-    the tensors' sizes matter, in a temporary folder that is removed afterwards."""
-    from .data import BatchLoader
-    from .export import export_quantized
-    from .quantization import bias_correct, calibrate, convert, quantize_model
-    from .run import file_digest
-
-    qmodel = quantize_model(fp32, (8, 8))
-    loader = BatchLoader(train.head(32), info, 32, channels_last=True)
-    calibrate(qmodel, loader, "minmax", 1)  # the values do not change the size, only where
-    if bias_correction:                     # they lie: every layer's sign and scale count
-        bias_correct(qmodel, fp32, loader, 1)
-    convert(qmodel)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w8a8.safetensors")
-        return export_quantized(qmodel, path, {
-            **{k: ckpt[k] for k in ("arch", "dataset", "num_classes", "in_channels",
-                                    "input_size", "width_multiplier")},
-            "method": "ptq", "checkpoint_sha256": file_digest(checkpoint)})
-
-
 def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size=128,
                   bias_correction=True, verbose=True):
     """Everything the page needs, as a JSON-ready dict (the page computes the rest)."""
@@ -222,6 +198,8 @@ def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size
     layers, fp32_bitops = layer_table(fp32, info.input_size, table)
 
     w8 = {l["name"]: (8, 8) for l in layers}
+    from .planner import reference_size
+
     reference = reference_size(ckpt, fp32, checkpoint, train, info, bias_correction)
     fixed = reference - plan_bytes(layers, 0, w8)
     checked = [r for r in runs if r["uniform"] and r["compressed_mb"] is not None

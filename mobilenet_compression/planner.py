@@ -20,9 +20,11 @@ all-2-bit and the FP32 BitOps of the model.
 """
 
 import math
-import re
+import os
+import tempfile
 
 from .bitops import bitops_report
+from .config import UNIFORM_BUDGET, budget_text
 from .errors import UserError
 from .precision import QUANT_BITS, quantized_layer_names, uniform_plan
 
@@ -31,24 +33,16 @@ MIB = 2**20
 # Bytes kept free under a size budget for what the size prediction does not follow: the
 # digits of the offsets in the file's JSON header (0.01% of the file at most on the grid).
 SIZE_MARGIN = 1024
-UNIFORM = re.compile(r"[wW]([2-8])[aA]([2-8])")
 
 
 def parse_budget(text, model, input_size):
     """BitOps per image from a --bitops_budget value; every bad value is one UserError."""
-    raw = str(text).strip()
-    match = UNIFORM.fullmatch(raw)
+    raw = budget_text(text)  # its form and sign, as the run's config checks them
+    match = UNIFORM_BUDGET.fullmatch(raw)
     if match:  # the BitOps of the uniform plan WxAy: its mixed-precision rival
         w, a = int(match[1]), int(match[2])
         return bitops_report(model, input_size, uniform_plan(model, w, a))[1]["bitops"]
-    try:
-        value = float(raw[:-1]) if raw.lower().endswith("x") else float(raw)
-    except ValueError:
-        raise UserError(f"--bitops_budget must be a number of GBitOps, a fraction of the "
-                        f"W8A8 BitOps such as 0.5x, or a uniform plan's such as w4a4, got "
-                        f"{text!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"--bitops_budget must be positive, got {text!r}.")
+    value = float(raw[:-1]) if raw.lower().endswith("x") else float(raw)
     w8a8 = bitops_report(model, input_size, uniform_plan(model, 8, 8))[1]["bitops"]
     budget = value * w8a8 if raw.lower().endswith("x") else value * GIGA
     low = bitops_report(model, input_size, uniform_plan(model, 2, 2))[1]["bitops"]
@@ -62,10 +56,32 @@ def parse_budget(text, model, input_size):
     return budget
 
 
+def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction):
+    """Bytes of the file export.py writes for this checkpoint at W8A8, prepared as run.py
+    prepares a run (calibrate, bias correction, convert), on 32 training images since only
+    the tensors' sizes matter, in a temporary folder that is removed afterwards."""
+    from .data import BatchLoader
+    from .export import export_quantized
+    from .quantization import bias_correct, calibrate, convert, quantize_model
+    from .run import file_digest
+
+    qmodel = quantize_model(fp32, (8, 8))
+    loader = BatchLoader(train.head(32), info, 32, channels_last=True)
+    calibrate(qmodel, loader, "minmax", 1)  # the values do not change the size, only where
+    if bias_correction:                     # they lie: every layer's sign and scale count
+        bias_correct(qmodel, fp32, loader, 1)
+    convert(qmodel)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w8a8.safetensors")
+        return export_quantized(qmodel, path, {
+            **{k: ckpt[k] for k in ("arch", "dataset", "num_classes", "in_channels",
+                                    "input_size", "width_multiplier")},
+            "method": "ptq", "checkpoint_sha256": file_digest(checkpoint)})
+
+
 def size_model(checkpoint, ckpt, fp32, train, info, bias_correction):
     """Fixed bytes of this checkpoint's exported file: a real W8A8 export (prepared as a run
     prepares one) minus its packed weights; a plan adds ceil(parameters x bits / 8) per layer."""
-    from .explorer import reference_size
     from .precision import weight_layers
 
     names = set(quantized_layer_names(fp32))
