@@ -174,7 +174,8 @@ def load_dataset(name, data_dir, val_size=None):
 class BatchLoader:
     """Iterates over a Split that already lives on the device, in batches of normalised
     float images. With `augment`, each image is randomly cropped from a 4-pixel zero-padded
-    copy and (if the dataset allows) flipped, all as batched tensor ops.
+    copy and (if the dataset allows) flipped, all as batched tensor ops. `shuffle` (default:
+    the same as `augment`) draws a new order each epoch; without either, batches come in order.
 
     The order and the augmentation of epoch e come from a generator seeded with (seed, e),
     drawn in full when the epoch starts, so batch k of an epoch is the same whether the epoch
@@ -182,10 +183,11 @@ class BatchLoader:
     """
 
     def __init__(self, split, info, batch_size, augment=False, seed=0, drop_last=False,
-                 channels_last=False, pad=4):
+                 channels_last=False, pad=4, shuffle=None):
         self.split = split
         self.batch_size = batch_size
         self.augment = augment
+        self.shuffle = augment if shuffle is None else shuffle
         self.flip = augment and info.flip
         self.seed = seed
         self.drop_last = drop_last
@@ -208,10 +210,12 @@ class BatchLoader:
 
     def _epoch_plan(self):
         n = len(self.split)
-        if not self.augment:
+        if not self.augment and not self.shuffle:
             return torch.arange(n), None, None, None
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, generator=g)
+        if not self.augment:
+            return order, None, None, None
         dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
         dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
         flip = torch.rand(n, generator=g) < 0.5 if self.flip else None

@@ -159,3 +159,20 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image(cifar10_dir):
         if flip[k]:
             want = want.flip(2)
         assert torch.equal(raw[k], want)
+
+
+def test_batch_loader_shuffles_without_augmenting(cifar10_dir):
+    """train.py --augment none: each epoch a new order of the images themselves."""
+    root, _ = cifar10_dir
+    info, train, _, _ = load_dataset("cifar10", root, val_size=20)
+    loader = BatchLoader(train, info, batch_size=len(train), shuffle=True, seed=3)
+    plain = BatchLoader(train, info, batch_size=len(train))
+    (x0, y0), = list(loader)
+    (xp, yp), = list(plain)
+    loader.set_epoch(1)
+    (x1, _), = list(loader)
+    assert not torch.equal(y0, yp) and sorted(y0.tolist()) == sorted(yp.tolist())
+    # the same images, only reordered: every shuffled image is one of the plain ones
+    flat_p = {tuple(v.tolist()) for v in xp.flatten(1)[:, :64]}
+    assert all(tuple(v.tolist()) in flat_p for v in x0.flatten(1)[:, :64])
+    assert not torch.equal(x0, x1)
