@@ -11,14 +11,20 @@ every scale in the file is one this package computed; nothing is re-calibrated b
 - A quantized layer reads `DequantizeLinear(QuantizeLinear(x))` with the layer's activation
   scale and `DequantizeLinear(int8 codes, per-channel scales, axis 0)` weights; its bias is
   int32 at scale input_scale x weight_scale: the form ONNX Runtime fuses into QLinearConv.
+  The b-bit weight codes are stored times k = 127 // qmax (`quantization.int8_code_factor`)
+  at scale / k: the same products, on a bias grid k times finer. The PyTorch model's bias
+  is already on that grid (`quantization.round_bias_to_int32_grid`, part of `convert`), so
+  the engine's integer bias is the model's own, not a rounding of it.
   Activation codes are uint8 throughout (one type in and out is what the engine fuses):
   unsigned codes with zero point 0, signed codes shifted by 128 (zero point 128), the same
   grid.
 - Below 8 activation bits the engine has no narrower integer type for convolutions, so the
-  codes travel in uint8 and a `Clip` to the b-bit range (qmin*s, qmax*s) before
-  `QuantizeLinear` makes the engine compute exactly the b-bit grid. That Clip sits between
-  the previous conv and its output quantization, which stops ONNX Runtime fusing the previous
-  conv into an integer kernel: below 8 bits the file is exact but not faster (README).
+  codes travel in uint8: `QuantizeLinear` then a uint8 `Clip` to the b-bit codes, so the
+  engine computes exactly the b-bit grid and still fuses each conv into `QLinearConv` (its
+  output goes straight into the next `QuantizeLinear`). A ReLU6 right before an unsigned
+  quantizer whose grid ends at or under 6 is left out: the codes saturate at 0 and qmax
+  anyway, and a float Clip there would stop the fusion. Below 8 bits the model runs on the
+  int8 kernels: as fast as 8 bits, not faster (README).
 - An integer engine needs every tensor between integer kernels on a grid, and the PyTorch
   model quantizes only layer inputs. Where the layer inputs are 8-bit, the export adds what
   is missing (`output_scales`, from the calibration images): each residual add reads its
@@ -87,20 +93,13 @@ def onnx_exportable(qmodel):
                                 for _, m in layers)
 
 
-def fold_batchnorm(bias, bn):
-    """(per-output-channel factor g/sigma, folded bias) of conv -> BatchNorm (eval mode)."""
-    factor = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    b = bias.detach().double() if bias is not None else torch.zeros_like(factor)
-    folded_bias = (b - bn.running_mean.double()) * factor + bn.bias.detach().double()
-    return factor, folded_bias
-
-
 class _Graph:
     def __init__(self, output_scales=None):
         self.onnx, self.helper, self.numpy_helper = _onnx()
         self.nodes, self.inits, self.names = [], [], {}
         self.q_outputs = []  # (name of a QuantizeLinear output, qmin, qmax)
         self.dq_of = {}  # float tensor -> DequantizeLinear output of its 8-bit grid
+        self.relu6_input = {}  # a ReLU6's output -> its input
         self.output_scales = output_scales or {}
 
     def name(self, stem):
@@ -112,6 +111,15 @@ class _Graph:
         name = self.name(stem)
         self.inits.append(self.numpy_helper.from_array(np.array(array, order="C"), name))
         return name
+
+    def prune(self):
+        """Drop nodes whose outputs nothing reads (a ReLU6 a quantizer made redundant)."""
+        while True:
+            read = {i for n in self.nodes for i in n.input} | {OUTPUT}
+            kept = [n for n in self.nodes if any(o in read for o in n.output)]
+            if len(kept) == len(self.nodes):
+                return
+            self.nodes = kept
 
     def shared(self, name, value):
         """One float32 scalar initializer used by many nodes (ReLU6's bounds)."""
@@ -128,37 +136,38 @@ class _Graph:
     # -------------------------------------------------------------------- layers
 
     def quantize_input(self, x, quant, stem):
-        """x -> [Clip to the b-bit range] -> QuantizeLinear -> DequantizeLinear."""
+        """x -> QuantizeLinear -> [Clip to the b-bit codes] -> DequantizeLinear.
+
+        A ReLU6 right before an unsigned quantizer whose grid ends at or under 6 is skipped:
+        the codes saturate at 0 and at qmax anyway, so the conv before it stays fusable."""
         s = float(quant.scale)
         qmin, qmax = quant.qmin, quant.qmax
         zp = 128 if quant.signed else 0  # uint8 codes = our codes + zp
-        if (qmin + zp, qmax + zp) != (0, 255):
-            x = self.node("Clip", [x, self.const(stem + ".clip_lo", np.float32(qmin * s)),
-                                   self.const(stem + ".clip_hi", np.float32(qmax * s))],
-                          stem + ".clip")
+        lo, hi = qmin + zp, qmax + zp
+        source = x
+        if x in self.relu6_input and not quant.signed and qmax * s <= 6.0:
+            x = self.relu6_input[x]
         scale = self.const(stem + ".act_scale", np.float32(s))
         zero = self.const(stem + ".act_zero", np.uint8(zp))
-        source = x
         q = self.node("QuantizeLinear", [x, scale, zero], stem + ".act_q")
-        self.q_outputs.append((q, qmin + zp, qmax + zp))
+        if (lo, hi) != (0, 255):
+            q = self.node("Clip", [q, self.const(stem + ".code_lo", np.uint8(lo)),
+                                   self.const(stem + ".code_hi", np.uint8(hi))],
+                          stem + ".act_clip")
+        self.q_outputs.append((q, lo, hi))
         dq = self.node("DequantizeLinear", [q, scale, zero], stem + ".act_dq")
-        if (qmin + zp, qmax + zp) == (0, 255):
+        if (lo, hi) == (0, 255):
             self.dq_of[source] = dq  # an 8-bit grid a residual add may read too
         return dq, s
 
     def conv_or_linear(self, x, layer, bn, stem):
         """One Conv2d / Linear (quantized or FP32), with the BatchNorm after it folded."""
-        from .quantization import QUANT_LAYERS
+        from .quantization import QUANT_LAYERS, batchnorm_factors, int8_code_factor
 
         quantized = isinstance(layer, QUANT_LAYERS)
         weight = layer.weight.detach().double()
         out_ch = weight.shape[0]
-        if bn is not None:
-            factor, bias = fold_batchnorm(layer.bias, bn)
-        else:
-            factor = torch.ones(out_ch, dtype=torch.float64)
-            bias = (layer.bias.detach().double() if layer.bias is not None
-                    else torch.zeros(out_ch, dtype=torch.float64))
+        factor, bias = batchnorm_factors(layer.bias, bn, out_ch)
         in_scale = None
         if quantized and layer.input_quant.enabled:
             x, in_scale = self.quantize_input(x, layer.input_quant, stem)
@@ -169,12 +178,17 @@ class _Graph:
             sign = torch.where(scale < 0, -1, 1)
             codes = codes * sign.reshape([-1] + [1] * (codes.dim() - 1))
             scale = scale.abs().clamp_min(1e-30)
+            if in_scale is not None:  # k x the codes at scale / k: a k times finer bias grid
+                k = int8_code_factor(wq.qmax)
+                codes, scale = codes * k, scale / k
             w_scale = self.const(stem + ".w_scale", scale.float().numpy())
             w = self.node("DequantizeLinear", [
                 self.const(stem + ".w_codes", codes.to(torch.int8).numpy()), w_scale,
                 self.const(stem + ".w_zero", np.zeros(out_ch, np.int8))],
                 stem + ".w_dq", axis=0)
-            if x in self.dq_of.values():  # 8-bit input: int32 bias for the integer kernel
+            if in_scale is None:  # a float input: no integer kernel, a float bias
+                b = self.const(stem + ".bias", bias.float().numpy())
+            else:  # int32 at input scale x weight scale: what QLinearConv takes
                 b_scale = (scale * in_scale).float()
                 b_int = torch.round(bias / b_scale.double()).clamp(-2**31, 2**31 - 1)
                 b = self.node("DequantizeLinear", [
@@ -182,16 +196,11 @@ class _Graph:
                     self.const(stem + ".b_scale", b_scale.numpy()),
                     self.const(stem + ".b_zero", np.zeros(out_ch, np.int32))],
                     stem + ".b_dq", axis=0)
-            else:
-                # Below 8 input bits the conv runs in float. A bias inside it would be
-                # rounded by ONNX Runtime to int32 at input_scale x weight_scale (up to
-                # 0.04 off at 4 bits on the test checkpoint); added after it, it stays exact.
-                late_bias, b = bias.float().numpy(), None
         else:
             shape = [-1] + [1] * (weight.dim() - 1)
             w = self.const(stem + ".weight", (weight * factor.reshape(shape)).float().numpy())
             b = self.const(stem + ".bias", bias.float().numpy())
-        inputs = [x, w] + ([b] if b is not None else [])
+        inputs = [x, w, b]
         if isinstance(layer, nn.Conv2d):
             if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 raise ValueError(f"{stem}: only explicit zero padding is exported")
@@ -199,14 +208,8 @@ class _Graph:
             y = self.node("Conv", inputs, stem, kernel_shape=list(layer.kernel_size),
                           strides=list(layer.stride), pads=[ph, pw, ph, pw],
                           dilations=list(layer.dilation), group=layer.groups)
-            if b is None:
-                y = self.node("Add", [y, self.const(stem + ".bias", late_bias.reshape(-1, 1, 1))],
-                              stem + ".bias_add")
         else:
             y = self.node("Gemm", inputs, stem, transB=1)
-            if b is None:
-                y = self.node("Add", [y, self.const(stem + ".bias", late_bias)],
-                              stem + ".bias_add")
         return y
 
     def residual_add(self, x, y, stem):
@@ -253,8 +256,9 @@ class _Graph:
                 if stem in self.output_scales and x_in in self.dq_of:
                     x = self.requantize(x, stem)  # the last conv, read by the pooling
             elif isinstance(m, nn.ReLU6):
-                x = self.node("Clip", [x, self.shared("zero", 0.0), self.shared("six", 6.0)],
-                              stem)
+                x_in, x = x, self.node("Clip", [x, self.shared("zero", 0.0),
+                                                self.shared("six", 6.0)], stem)
+                self.relu6_input[x] = x_in
             elif isinstance(m, nn.ReLU):
                 x = self.node("Relu", [x], stem)
             elif isinstance(m, (nn.Dropout, nn.Identity)):
@@ -318,6 +322,7 @@ def build_onnx(model, input_shape, output_scales=None):
     x = g.node("Flatten", [x], "flatten", axis=1)
     x = g.sequence(x, model.classifier, "classifier")
     g.nodes.append(h.make_node("Identity", [x], [OUTPUT], name="output"))
+    g.prune()
     graph = h.make_graph(
         g.nodes, "mobilenetv2",
         [h.make_tensor_value_info(INPUT, g.onnx.TensorProto.FLOAT, ["batch", *input_shape])],

@@ -175,7 +175,7 @@ def baseline_accuracy(model, loader, cache_dir, key):
                 except ValueError:  # a cache, not a result: measure again and rewrite it
                     print(f"{path} is not valid JSON; measuring the baseline again.")
             if key not in cache:
-                cache[key] = evaluate(model, loader)
+                cache[key] = evaluate(model, loader, fold=True)
                 atomic_write(path, lambda f: f.write(json.dumps(cache, indent=1).encode()))
     except OSError as e:
         raise UserError(f"cannot write to the results directory {cache_dir} ({e.strerror}); "

@@ -78,8 +78,10 @@ def test_w3a4_model_holds_only_3_bit_weight_and_4_bit_activation_codes(
     codes = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
              if t.name.endswith(".w_codes")]
     assert len(codes) == len(q_outputs) > 10
-    for c in codes:  # narrow 3-bit range, stored in int8
-        assert c.dtype == np.int8 and c.min() >= -3 and c.max() <= 3
+    k = 127 // 3  # stored as k x the narrow 3-bit codes, in int8 (a k times finer bias grid)
+    for c in codes:
+        assert c.dtype == np.int8 and np.all(c.astype(int) % k == 0)
+        assert (c.astype(int) // k).min() >= -3 and (c.astype(int) // k).max() <= 3
     # Read every QuantizeLinear's output on a real batch: 16 codes at most per tensor
     # (uint8: 0..15 unsigned, 120..135 for signed codes shifted by 128).
     for name, _, _ in q_outputs:
@@ -105,8 +107,11 @@ def test_engine_onnxruntime_run_logs_engine_and_matches_the_torch_engine(
         assert r.returncode == 0, r.stderr
     rows = pd.read_csv(res / "runs" / "runs.csv").set_index("engine")
     assert set(rows.index) == {"torch", "onnxruntime"}
-    # Tolerance: 1 point on these 300 test images (3 images).
-    assert abs(rows.quant_acc["onnxruntime"] - rows.quant_acc["torch"]) <= 1.0
+    # The same model in both engines (each run's own): 1 point on these 300 test images
+    # (3 images). The two runs differ in --seed (the calibration sample), so their models
+    # differ and are not compared with each other.
+    assert abs(rows.onnx_acc["torch"] - rows.quant_acc["torch"]) <= 1.0
+    assert (rows.onnx_agreement >= 98.0).all()
     assert rows.quant_acc["onnxruntime"] == rows.onnx_acc["onnxruntime"]
     assert rows.onnx_agreement_images["torch"] == 300
     for col in ("onnx_img_s", "onnx_latency_ms", "onnx_speedup", "onnx_agreement",
@@ -159,3 +164,41 @@ def test_output_scales_read_training_images_only(fashion_mnist, fashion_mnist_mo
 def test_fp32_layers_keep_the_run_torch_only(fashion_mnist_model):
     assert not ox.onnx_exportable(quantize_model(fashion_mnist_model, (8, 32)))
     assert ox.onnx_exportable(quantize_model(fashion_mnist_model, (8, 8)))
+
+
+def test_below_8_bits_every_quantized_conv_runs_as_an_integer_kernel(
+        fashion_mnist, fashion_mnist_model, tmp_path):
+    """W4A4: in ONNX Runtime's optimised graph (as it writes it out) every quantized conv
+    whose output goes straight into one QuantizeLinear runs as a QLinearConv (below 8 bits
+    too: the b-bit codes are clipped as uint8, after the QuantizeLinear), which is most of
+    them; the rest read or feed the float residual sums. The int32 biases the engine adds
+    are the PyTorch model's own (convert put them on that grid)."""
+    import onnxruntime as ort
+
+    from mobilenet_compression.quantization import (
+        batchnorm_factors,
+        int32_bias_step,
+        layers_with_batchnorm,
+    )
+
+    qmodel, _ = quantized(fashion_mnist_model, fashion_mnist, 4, 4)
+    proto, _ = ox.build_onnx(qmodel, SHAPE)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    readers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    fusable = [n for n in proto.graph.node if n.op_type == "Conv"
+               and producer.get(n.input[0]) == "DequantizeLinear"
+               and readers[n.output[0]] == ["QuantizeLinear"]]
+    convs = [m for _, m, _ in layers_with_batchnorm(qmodel) if m.weight.dim() == 4]
+    assert ops.count("QLinearConv") == len(fusable) >= 0.6 * len(convs) > 10
+    for _, layer, bn in layers_with_batchnorm(qmodel):
+        factor, folded = batchnorm_factors(layer.bias, bn, layer.weight.shape[0])
+        steps = folded / int32_bias_step(layer, factor)
+        assert float((steps - steps.round()).abs().max()) < 1e-3

@@ -21,6 +21,7 @@ from mobilenet_compression.quantization import (
     quant_layers,
     quantize_model,
     quantized_layer_names,
+    round_bias_to_int32_grid,
     signed_range,
     unsigned_range,
 )
@@ -310,6 +311,7 @@ def test_in_place_activation_quantization_gives_the_same_logits(
 def test_convert_freezes_each_weight_to_its_quantized_value(fashion_mnist_model, fashion_mnist):
     qmodel = quantized(fashion_mnist_model, fashion_mnist, 4, 8)
     x, _ = next(iter(eval_subset(fashion_mnist)))
+    round_bias_to_int32_grid(qmodel)  # what convert also does; once is enough
     with torch.inference_mode():
         before = qmodel(x)
     convert(qmodel)
@@ -330,3 +332,29 @@ def test_straight_through_gradients_reach_the_fp32_weights(fashion_mnist_model, 
     x, y = next(iter(calib_loader(fashion_mnist, 32)))
     nn.functional.cross_entropy(qmodel(x), y).backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_folded_copy_computes_the_same_logits_and_leaves_the_model_alone(
+        fashion_mnist, fashion_mnist_model):
+    """evaluation.predict folds BatchNorm into a copy (speed); FP32 and a converted W4A4
+    model give the same logits as unfolded, to float rounding, and keep their BatchNorms."""
+    from mobilenet_compression.evaluation import fold_batchnorm
+
+    info, train, _, test = fashion_mnist
+    loader = eval_loader(test.head(512), info)
+    qmodel = quantize_model(fashion_mnist_model, (4, 4))
+    calibrate(qmodel, BatchLoader(train.head(512), info, 128), "minmax", 4)
+    convert(qmodel)
+    for model in (fashion_mnist_model, qmodel):
+        bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert bns > 10
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        want, _ = predict(model, loader, fold=False)
+        got, labels = predict(model, loader)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns
+        # FP32: rounding only (logits ~10, 1e-4). W4A4: a value on a 4-bit rounding boundary
+        # may land one code apart, so compare the decisions: at most 1% of images move.
+        if model is fashion_mnist_model:
+            assert float((got - want).abs().max()) < 1e-4
+        assert float((got.argmax(1) != want.argmax(1)).float().mean()) <= 0.01
