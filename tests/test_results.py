@@ -14,46 +14,54 @@ from mobilenet_compression import agent
 from mobilenet_compression.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-STRONG = REPO / "results" / "fashion-mnist-w0.35"
-CHECKPOINT = STRONG / "best.pt"
+# The committed checkpoints: (folder, epochs, lowest test accuracy it must have). The 30-epoch
+# one is the >= 93% checkpoint of issue 9; the 18-epoch one (92.88%) made the calibration,
+# bias correction, QAT and mixed-precision sweeps beside it.
+CHECKPOINTS = [("fashion-mnist-w0.35", 18, 92.5), ("fashion-mnist-w0.35-e30", 30, 93.0)]
 
 
-def test_committed_checkpoint_loads_and_names_its_recipe():
-    ckpt = load_checkpoint(str(CHECKPOINT))  # torch.load(..., weights_only=True) inside
+@pytest.mark.parametrize("folder,epochs,min_test_acc", CHECKPOINTS)
+def test_committed_checkpoint_loads_and_names_its_recipe(folder, epochs, min_test_acc):
+    ckpt = load_checkpoint(str(REPO / "results" / folder / "best.pt"))  # weights_only inside
     assert (ckpt["dataset"], ckpt["width_multiplier"], ckpt["seed"]) == ("fashion-mnist", 0.35, 42)
     recipe = ckpt["args"]
-    assert (recipe["epochs"], recipe["batch_size"], recipe["lr"]) == (18, 128, 0.1)
+    assert (recipe["epochs"], recipe["batch_size"], recipe["lr"]) == (epochs, 128, 0.1)
     assert (recipe["weight_decay"], recipe["label_smoothing"]) == (4e-5, 0.1)
+    assert recipe.get("augment", "crop-flip") == "crop-flip"  # older checkpoints: no key
     assert recipe["max_train_samples"] is None  # the whole training split (minus validation)
-    assert ckpt["test_acc"] >= 92.5  # 92.88: the 93% target of issue 9 is missed (README)
+    assert ckpt["test_acc"] >= min_test_acc
     assert ckpt["val_acc"] == ckpt["best_val_acc"]  # chosen on validation, never on test
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
 
 
-def _bits_sweep_dir():
-    """results/fashion-mnist-w0.35/<sweep id>/ of its bits.yaml (the id hashes the yaml)."""
-    path = STRONG / "bits.yaml"
-    config = agent.load_sweep_config(path)
-    assert config["parameters"]["checkpoint"]["value"] == str(CHECKPOINT.relative_to(REPO))
-    return STRONG / agent.sweep_id_for(config)
+def _bits_sweep_dir(folder):
+    """results/<folder>/<sweep id>/ of its bits.yaml (the id hashes the yaml)."""
+    strong = REPO / "results" / folder
+    config = agent.load_sweep_config(strong / "bits.yaml")
+    checkpoint = strong / "best.pt"
+    assert config["parameters"]["checkpoint"]["value"] == str(checkpoint.relative_to(REPO))
+    return checkpoint, strong / agent.sweep_id_for(config)
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                     reason="real Fashion-MNIST not installed")
-def test_one_committed_cell_reruns_to_the_committed_accuracy(tmp_path):
-    table = pd.read_csv(_bits_sweep_dir() / "runs.csv")
+@pytest.mark.parametrize("folder", [c[0] for c in CHECKPOINTS])
+def test_one_committed_cell_reruns_to_the_committed_accuracy(tmp_path, folder):
+    checkpoint, sweep_dir = _bits_sweep_dir(folder)
+    table = pd.read_csv(sweep_dir / "runs.csv")
     row = table[(table.weight_bits == 4) & (table.activation_bits == 8)].iloc[0]
     assert row.status == "finished" and row.eval_images == 10_000
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     r = subprocess.run(
-        [sys.executable, str(REPO / "sweep.py"), "--checkpoint", str(CHECKPOINT),
+        [sys.executable, str(REPO / "sweep.py"), "--checkpoint", str(checkpoint),
          "--weight_bits", "4", "--activation_bits", "8", "--data_dir", str(tmp_path / "data"),
          "--results_dir", str(tmp_path / "res"), "--wandb_mode", "disabled", "--threads", "1"],
         cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rerun = pd.read_csv(tmp_path / "res" / "runs" / "runs.csv").iloc[0]
-    # Bit-identical on the machine that made it; another CPU may round a convolution
-    # differently and move a test image or two.
+    # Bit-identical on the machine that made it with the code that made it; another CPU, or
+    # the 18-epoch grid re-run by today's code (BatchNorm folded for evaluation, biases on the
+    # int32 grid), may move a test image or two.
     assert abs(rerun.quant_acc - row.quant_acc) <= 0.05, (rerun.quant_acc, row.quant_acc)
     assert abs(rerun.baseline_acc - row.baseline_acc) <= 0.05
     assert rerun.compressed_mb == row.compressed_mb and rerun.bitops == row.bitops
