@@ -88,7 +88,12 @@ def pareto_front(cost, gain):
 
 # Run parameters that are categories rather than numbers: where one varies in a sweep it gets
 # a column in summary.md, a word in the run labels and a categorical parallel-coordinates axis.
-CATEGORIES = ("method", "calibration", "bias_correction", "engine", "plan")
+CATEGORIES = ("method", "distill", "calibration", "weight_method", "bias_correction", "engine",
+              "plan")
+
+
+# Yes/no categories: a run label carries the word when the flag is on.
+FLAG_WORDS = {"bias_correction": "+BC", "distill": "+KD"}
 
 
 def varying_categories(df):
@@ -105,8 +110,8 @@ def run_label(row, categories=()):
     for c in categories:
         if c == "plan":
             continue  # the label says it
-        if c == "bias_correction":
-            label += " +BC" if str(row[c]) == "True" else ""
+        if c in FLAG_WORDS:
+            label += f" {FLAG_WORDS[c]}" if str(row[c]) == "True" else ""
         else:
             label += f" {row[c]}"
     return label
@@ -203,7 +208,8 @@ def summary_markdown(df, source, uniform=None):
     categories = varying_categories(done)
     columns = [("W_bits", "weight_bits", 0), ("A_bits", "activation_bits", 0)]
     columns += [({"calibration": "Calib", "method": "Method", "bias_correction": "Bias corr.",
-                  "engine": "Engine", "plan": "Plan"}[c], c, None) for c in categories]
+                  "distill": "Distill", "weight_method": "Weights", "engine": "Engine",
+                  "plan": "Plan"}[c], c, None) for c in categories]
     columns += [("Accuracy", "quant_acc", 2), ("Drop", "acc_drop", 2),
                 ("ONNX acc", "onnx_acc", 2), ("Agree", "onnx_agreement", 2),
                 ("ONNX x", "onnx_speedup", 2), ("Orig_MB", "orig_mb", 2),

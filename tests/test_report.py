@@ -243,6 +243,23 @@ def test_report_of_a_method_sweep_has_a_method_column_axis_and_labels(tmp_path):
     assert '"label":"method"' in html and '"ticktext":["ptq","qat"]' in html
 
 
+def test_report_of_a_distillation_sweep_tells_its_runs_apart(tmp_path):
+    # Two runs per cell, with and without --distill: the summary must say which is which.
+    sweep_dir = fake_sweep(tmp_path, "kd", failed=())
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    table["distill"] = table.index % 2 == 1
+    table.loc[table["distill"], "quant_acc"] = 99.0
+    table.to_csv(sweep_dir / "runs.csv", index=False)
+    report.write_report(sweep_dir)
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "| W_bits | A_bits | Distill | Accuracy |" in summary
+    rows = [r for r in summary.splitlines() if r.startswith("| ") and "W_bits" not in r]
+    assert {r.split("|")[3].strip() for r in rows} == {"True", "False"}
+    assert re.search(r"Best accuracy: W\d+A\d+ \+KD at 99\.00%", summary), summary
+    html = (sweep_dir / "parallel_coordinates.html").read_text().replace(" ", "")
+    assert '"label":"distill"' in html
+
+
 def fake_mixed_sweep(results_dir, uniform_dir):
     """A mixed-precision sweep's runs.csv: for each of three budgets (a uniform plan's
     BitOps), a run with fractional mean bits at that budget, 1 point above the uniform run."""
