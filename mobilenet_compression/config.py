@@ -96,7 +96,7 @@ class RunConfig:
     calib_batch_size: int = 128
     weight_method: str = "minmax"
     weight_granularity: str = "per_channel"
-    bias_correction: bool = True
+    bias_correction: bool | str = True  # or "auto": kept where it helps on validation images
     qat_epochs: float = 1.0
     qat_lr: float = 0.01
     qat_batch_size: int = 128
@@ -140,7 +140,14 @@ class RunConfig:
             v[name] = _positive_int(v[name], f"--{name}")
         for name in ("max_eval_samples", "threads"):
             v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
-        v["bias_correction"] = parse_bool(v["bias_correction"], "--bias_correction")
+        if str(v["bias_correction"]).strip().lower() == "auto":
+            v["bias_correction"] = "auto"
+        else:
+            try:
+                v["bias_correction"] = parse_bool(v["bias_correction"], "--bias_correction")
+            except UserError:
+                raise UserError("--bias_correction must be true, false or auto, got "
+                                f"{v['bias_correction']!r}.") from None
         v["distill"] = parse_bool(v["distill"], "--distill")
         v["engine"] = _choice(v["engine"], ENGINES, "--engine")
         v["plan"] = _choice(v["plan"], PLANS, "--plan")

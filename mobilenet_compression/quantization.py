@@ -655,6 +655,22 @@ def bias_correct(qmodel, fp32_model, loader, num_batches=None):
     return qmodel
 
 
+def bias_correct_if_better(qmodel, fp32_model, loader, score, num_batches=None):
+    """`--bias_correction auto`: bias-correct a copy of `qmodel` (`bias_correct`, on the same
+    TRAINING batches) and keep whichever of the two `score(model)` rates higher; a tie keeps
+    the uncorrected one (its file has no added biases). At 4-bit activations the correction
+    moved the same cell by -9 to +12 points from one checkpoint to the next (README), so the
+    choice is measured per run. `score` must read held-out images (run.py: the validation
+    split train.py kept out of training), never the calibration images or the test set.
+    Returns (model, used, score_without, score_with).
+    """
+    corrected = bias_correct(copy.deepcopy(qmodel), fp32_model, loader, num_batches)
+    without, with_ = score(qmodel), score(corrected)
+    if with_ > without:
+        return corrected, True, without, with_
+    return qmodel, False, without, with_
+
+
 def int8_code_factor(weight_bits_qmax):
     """k = 127 // qmax: b-bit weight codes times k still fit int8. An integer engine given
     k x codes at scale / k computes the same products, on an int32 bias grid k times finer

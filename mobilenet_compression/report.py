@@ -110,8 +110,10 @@ def run_label(row, categories=()):
     for c in categories:
         if c == "plan":
             continue  # the label says it
-        if c in FLAG_WORDS:
-            label += f" {FLAG_WORDS[c]}" if str(row[c]) == "True" else ""
+        if c in FLAG_WORDS:  # on: the word; off: nothing; another value (auto): word:value
+            value = str(row[c])
+            label += ("" if value in ("False", "nan") else f" {FLAG_WORDS[c]}" if value == "True"
+                      else f" {FLAG_WORDS[c]}:{value}")
         else:
             label += f" {row[c]}"
     return label

@@ -7,7 +7,8 @@ The flow, each step a named function a reader can find:
     loaded  = load_model(checkpoint)                       FP32 model + its metadata
     data    = load_run_data(...)                           calibration/QAT and test images
     qmodel  = quantize_model(...)                          prepare: swap layers
-    calibrate(...); bias_correct(...) if asked             PTQ
+    calibrate(...); bias_correct(...) if asked             PTQ (auto: kept if it helps on
+                                                           validation images)
     train_qat(...) if method == "qat"                      QAT (LSQ)
     convert(qmodel)                                        freeze
     quant_acc = accuracy(predict(qmodel, test))            measure (torch engine)
@@ -56,7 +57,8 @@ from .export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
 from .precision import mean_bits
 from .qat import train_qat
-from .quantization import bias_correct, calibrate, convert, precision_plan, quantize_model
+from .quantization import (bias_correct, bias_correct_if_better, calibrate, convert,
+                           precision_plan, quantize_model)
 from .signals import StopFlag, Stopped
 from .tracking import WANDB_MODES, init_run, resolve_mode
 from .train import resolve_device
@@ -65,6 +67,10 @@ KILLED = "killed"
 # With --engine onnxruntime, PyTorch's fake-quantized model is still run on this many test
 # images, to check the engine against it (onnx_agreement).
 AGREEMENT_IMAGES = 1000
+# --bias_correction auto compares the model with and without it on this many validation
+# images (the split train.py held out): paired on the same images, a difference of a point
+# is well above the noise, and the A4 cells where the choice matters differ by 1 to 9.
+AUTO_BC_IMAGES = 2000
 
 
 def get_args_parser():
@@ -99,9 +105,10 @@ def get_args_parser():
                    help="weight scales per output channel, or one per tensor as in the "
                         "earlier projects (default: %(default)s)")
     p.add_argument("--bias_correction", default=str(d.bias_correction).lower(),
-                   metavar="{true,false}",
+                   metavar="{true,false,auto}",
                    help="empirical bias correction after calibration, on the calibration "
-                        "images (default: %(default)s)")
+                        f"images; auto: keep it only if it raises accuracy on {AUTO_BC_IMAGES} "
+                        "validation images, the ones train.py held out (default: %(default)s)")
     p.add_argument("--qat_epochs", type=float, default=d.qat_epochs,
                    help="QAT: epochs over the training images, fractions allowed "
                         "(default: %(default)s)")
@@ -302,12 +309,14 @@ def load_model(path):
 
 
 def load_run_data(config, ckpt, device):
-    """(info, train split for calibration and QAT, test split), on `device`. The train split
-    is train.py's own: the validation images stay held out."""
+    """(info, train split for calibration and QAT, validation split, test split), on `device`.
+    The splits are train.py's own: the validation images were held out of training, and only
+    `--bias_correction auto` reads them, to choose."""
     data_dir = config.data_dir or ckpt.get("args", {}).get("data_dir") or "./data"
-    info, train, _, test = load_dataset(ckpt["dataset"], data_dir,
-                                        ckpt.get("args", {}).get("val_size"))
-    return info, train.to(device), test.head(config.max_eval_samples).to(device)
+    info, train, val, test = load_dataset(ckpt["dataset"], data_dir,
+                                          ckpt.get("args", {}).get("val_size"))
+    return (info, train.to(device), val.head(AUTO_BC_IMAGES).to(device),
+            test.head(config.max_eval_samples).to(device))
 
 
 def quantize_and_measure(config, run, loaded, progress):
@@ -316,7 +325,7 @@ def quantize_and_measure(config, run, loaded, progress):
     ckpt, fp32 = loaded
     device = resolve_device(config.device)
     progress.start("load")
-    info, train, test = load_run_data(config, ckpt, device)
+    info, train, val, test = load_run_data(config, ckpt, device)
     test_loader = eval_loader(test, info, EVAL_BATCH_SIZE)
     fp32.to(device)
     sweep_id = os.environ.get("WANDB_SWEEP_ID") or None
@@ -339,7 +348,17 @@ def quantize_and_measure(config, run, loaded, progress):
     calib_loader = BatchLoader(calib, info, config.calib_batch_size, channels_last=True)
     calibrate(qmodel, calib_loader, method=config.calibration,
               num_batches=config.calib_batches, seed=config.seed)
-    if config.bias_correction:
+    chosen = {}
+    if config.bias_correction == "auto":
+        val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
+        qmodel, used, without, with_ = bias_correct_if_better(
+            qmodel, fp32, calib_loader, lambda m: evaluate(m, val_loader),
+            num_batches=config.calib_batches)
+        chosen = {"bias_correction_used": used, "bias_correction_val_acc_without": without,
+                  "bias_correction_val_acc_with": with_}
+        print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
+              f"{without:.2f}% without, on {len(val)} validation images)", flush=True)
+    elif config.bias_correction:
         bias_correct(qmodel, fp32, calib_loader, num_batches=config.calib_batches)
     qat = {}
     if config.method == "qat":
@@ -401,6 +420,7 @@ def quantize_and_measure(config, run, loaded, progress):
         "acc_drop": baseline_acc - quant_acc,
         **size,
         **totals,
+        **chosen,
         **qat,
         **onnx,
         "engine": config.engine,
@@ -414,7 +434,7 @@ def quantize_and_measure(config, run, loaded, progress):
     metrics["time/total_s"] = metrics["run_seconds"]  # runs.csv: to the end of W&B's finish
     print(f"{label.upper()} {config.method} "
           f"({config.calibration}, {config.weight_granularity}"
-          f"{', bias correction' if config.bias_correction else ''}): quant_acc "
+          f"{bias_correction_words(config, chosen)}): quant_acc "
           f"{quant_acc:.2f} (FP32 {baseline_acc:.2f}, drop {metrics['acc_drop']:.2f}), "
           f"{size['compressed_mb']:.3f} MB (x{size['compression_ratio']:.2f}), "
           f"{totals['bitops'] / 1e9:.3f} GBitOps -> {model_path}")
@@ -423,6 +443,12 @@ def quantize_and_measure(config, run, loaded, progress):
     row = {"run_id": run_id, **metrics, "checkpoint": config.checkpoint,
            "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"]}
     return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
+
+
+def bias_correction_words(config, chosen):
+    if config.bias_correction == "auto":
+        return f", bias correction auto: {'on' if chosen['bias_correction_used'] else 'off'}"
+    return ", bias correction" if config.bias_correction else ""
 
 
 def run_plan(config, ckpt, fp32, info, train):

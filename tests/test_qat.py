@@ -26,6 +26,7 @@ from mobilenet_compression.model import build_model
 from mobilenet_compression.qat import train_qat
 from mobilenet_compression.quantization import (
     bias_correct,
+    bias_correct_if_better,
     calibrate,
     convert,
     precision_plan,
@@ -162,6 +163,43 @@ def test_bias_correction_matches_every_layers_channel_means_on_its_images(
             assert gap <= 1e-3 * (1 + float(want.abs().mean())), (n, float(gap))
 
 
+def _biases(model):
+    return {n: l.bias.detach().clone() for n, l in quant_layers(model) if l.bias is not None}
+
+
+# W3A8: the correction wins (76.3 -> 78.0 on this model); W8A2: both at chance, a tie, so
+# the uncorrected model is kept. Both branches run.
+@pytest.mark.parametrize("bits", [(3, 8), (8, 2)])
+def test_auto_bias_correction_keeps_the_model_that_scores_higher(
+        fashion_mnist_model, fashion_mnist, bits):
+    # The choice is made on validation images, and whichever model it returns is the one
+    # that scored higher there; the model it was given is left as it was when it loses.
+    info, train, val, _ = fashion_mnist
+    fp32 = fashion_mnist_model.eval()
+    loader = BatchLoader(train, info, 256)
+    val_loader = eval_loader(val.head(1000), info)
+    qmodel = ptq(fp32, fashion_mnist, *bits)
+    before = _biases(qmodel)
+    scored = []
+
+    def score(model):
+        scored.append(model)
+        return evaluate(model, val_loader)
+
+    with torch.no_grad():
+        chosen, used, without, with_ = bias_correct_if_better(qmodel, fp32, loader, score, 2)
+    assert scored[0] is qmodel and scored[1] is not qmodel  # the correction went on a copy
+    assert used == (with_ > without)
+    assert chosen is scored[1 if used else 0]
+    assert evaluate(chosen, val_loader) == max(without, with_)
+    after = _biases(qmodel)
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in after)
+    corrected = bias_correct(ptq(fp32, fashion_mnist, *bits), fp32, loader, 2)
+    if used:  # the kept model is exactly what bias_correct makes
+        assert all(torch.equal(a, b) for a, b in zip(_biases(chosen).values(),
+                                                    _biases(corrected).values()))
+
+
 # ---------------------------------------------------------------------------- sweep.py runs
 
 def env_for(tmp, **extra):
@@ -223,6 +261,23 @@ def test_qat_run_logs_method_reloads_and_counts_bitops_from_its_plan(tmp_path,
     assert summary["method"] == "qat" and summary["bitops"] == totals["bitops"]
     assert summary["qat_epochs"] == 0.02 and summary["qat_seconds"] > 0
     assert logged["config"]["bias_correction"] is True  # the validated value, not the flag text
+
+
+def test_auto_bias_correction_run_logs_its_choice(tmp_path, small_checkpoint):
+    res = tmp_path / "res"
+    r = sweep_py(["--checkpoint", str(small_checkpoint), "--weight_bits", "4",
+                  "--activation_bits", "4", "--bias_correction", "auto", "--results_dir",
+                  str(res), *QUICK], tmp_path)
+    assert r.returncode == 0, r.stderr
+    row = pd.read_csv(res / "runs" / "runs.csv").iloc[0]
+    assert (row.status, str(row.bias_correction)) == ("finished", "auto")
+    with_, without = row.bias_correction_val_acc_with, row.bias_correction_val_acc_without
+    assert 0 < without <= 100 and 0 < with_ <= 100
+    assert bool(row.bias_correction_used) == (with_ > without)
+    word = "on" if with_ > without else "off"
+    assert f"bias correction auto: {word} ({with_:.2f}% with, {without:.2f}% without" in r.stdout
+    summary = summary_of(next((tmp_path / "wandb").glob("offline-run-*")))["summary"]
+    assert summary["bias_correction_used"] == bool(row.bias_correction_used)
 
 
 def test_qat_run_stopped_by_sigterm_is_recorded_as_killed(tmp_path, small_checkpoint):
@@ -297,7 +352,7 @@ def test_agent_launched_run_stopped_mid_evaluation_leaves_a_failed_run_and_a_kil
     (["--method", "qat", "--qat_epochs", "-1"], "--qat_epochs must be a positive number"),
     (["--method", "qat", "--qat_epochs", "many"], "--qat_epochs"),
     (["--method", "qat", "--qat_lr", "0"], "--qat_lr must be a positive number"),
-    (["--bias_correction", "maybe"], "--bias_correction must be true or false"),
+    (["--bias_correction", "maybe"], "--bias_correction must be true, false or auto"),
     (["--method", "qat", "--weight_bits", "32", "--activation_bits", "32"], "nothing"),
 ])
 def test_bad_qat_flags_are_one_line_exit_2_and_touch_nothing(tmp_path, small_checkpoint,
