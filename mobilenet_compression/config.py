@@ -96,7 +96,7 @@ class RunConfig:
     calib_batch_size: int = 128
     weight_method: str = "minmax"
     weight_granularity: str = "per_channel"
-    bias_correction: bool | str = True  # or "auto": kept where it helps on validation images
+    bias_correction: bool | str = "auto"  # on/off per run, by validation accuracy (README)
     qat_epochs: float = 1.0
     qat_lr: float = 0.01
     qat_batch_size: int = 128
