@@ -60,13 +60,18 @@ def fold_batchnorm(model):
     return model
 
 
+def _maybe_folded(model, fold):
+    if not fold:
+        return model
+    with torch.inference_mode(False):  # the copy's parameters must be ordinary tensors
+        return fold_batchnorm(model)
+
+
 @torch.inference_mode()
 def predict(model, loader, fold=True):
     """(logits, labels) over the whole loader, on the CPU; with `fold`, of
     `fold_batchnorm(model)` (the same function, faster)."""
-    if fold:
-        with torch.inference_mode(False):
-            model = fold_batchnorm(model)
+    model = _maybe_folded(model, fold)
     prepare_for_eval(model, loader)
     logits, labels = [], []
     for x, y in loader:
@@ -80,9 +85,7 @@ def evaluate(model, loader, criterion=None, bf16=False, fold=False):
     """Top-1 accuracy in percent over `loader`; with a `criterion`, (mean loss, accuracy).
     The model is put in eval mode and in the loader's memory format; with `fold`, a copy of
     it with BatchNorm folded (`fold_batchnorm`) is evaluated instead."""
-    if fold:
-        with torch.inference_mode(False):
-            model = fold_batchnorm(model)
+    model = _maybe_folded(model, fold)
     prepare_for_eval(model, loader)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=bf16 and loader.split.images.is_cuda)

@@ -681,12 +681,11 @@ def int8_code_factor(weight_bits_qmax):
 def batchnorm_factors(bias, bn, out_channels):
     """(per-output-channel factor g/sigma, folded bias), float64, of a layer followed by
     `bn` (a BatchNorm in eval mode, or None: factor 1, the bias itself)."""
+    b = (bias.detach().double() if bias is not None
+         else torch.zeros(out_channels, dtype=torch.float64))
     if bn is None:
-        factor = torch.ones(out_channels, dtype=torch.float64)
-        b = bias.detach().double() if bias is not None else torch.zeros_like(factor)
-        return factor, b
+        return torch.ones(out_channels, dtype=torch.float64), b
     factor = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    b = bias.detach().double() if bias is not None else torch.zeros_like(factor)
     return factor, (b - bn.running_mean.double()) * factor + bn.bias.detach().double()
 
 
