@@ -1,6 +1,7 @@
 """train.py as a user runs it: real subprocesses, real Fashion-MNIST, real wandb offline."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -51,7 +52,25 @@ def test_trains_on_real_fashion_mnist_well_above_chance(tmp_path, data_dir):
     assert len(log) == 3 and log[0].startswith("epoch 1/3 train_loss")
 
 
-RESUME_ARGS = [*TINY, "--epochs", "4", "--max_train_samples", "1600", "--wandb_mode", "disabled"]
+def test_per_step_cosine_schedule_anneals_within_each_epoch(tmp_path, data_dir):
+    # 320 images in batches of 64: 5 steps an epoch, 10 in all; the log's lr is the one the
+    # epoch's last step used, i.e. lr * (1 + cos(pi * t / 10)) / 2 at t = 4 and t = 9.
+    r = train([*TINY, "--data_dir", data_dir, "--epochs", "2", "--max_train_samples", "320",
+               "--lr_schedule", "step", "--checkpoint_dir", str(tmp_path / "ck"),
+               "--wandb_mode", "disabled"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "ck" / "training_log.txt").read_text().splitlines()
+    logged = [float(line.split(" lr ")[1].split()[0]) for line in log]
+    expected = [0.05 * (1 + math.cos(math.pi * t / 10)) / 2 for t in (4, 9)]
+    assert logged == pytest.approx(expected, abs=1e-5), (logged, expected)
+    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert last["args"]["lr_schedule"] == "step"
+
+
+# The per-step schedule: resuming mid-epoch must also restore where the cosine stands.
+RESUME_ARGS = [*TINY, "--epochs", "4", "--max_train_samples", "1600", "--lr_schedule", "step",
+               "--wandb_mode", "disabled"]
 
 
 @pytest.fixture(scope="module")
