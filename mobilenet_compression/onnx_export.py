@@ -42,6 +42,7 @@ ONNX model agrees with the PyTorch one on nearly every image, not bit for bit
 (`onnx_agreement`).
 """
 
+import os
 import statistics
 import time
 
@@ -416,7 +417,9 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
     Runtime over `loader`, and time it against the FP32 model exported and run the same way
     in this process. Returns (metrics, logits):
     onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5), onnx_latency_ms (batch 1, median of 50),
-    onnx_fp32_img_s, onnx_speedup (ratio of the two batch-256 figures)."""
+    onnx_fp32_img_s, onnx_speedup (ratio of the two batch-256 figures), onnx_threads (the
+    sessions' intra-op threads: `threads`, else ONNX Runtime's default of one per core; ONNX
+    Runtime does not read OMP_NUM_THREADS, so a run sharing the machine must pass it)."""
     scales = output_scales(qmodel, calibration, calib_batches) if calibration else None
     export_onnx(qmodel, path, input_shape, scales)
     sess = session(path, threads)
@@ -434,4 +437,5 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
         "onnx_latency_ms": latency_ms(sess, images),
         "onnx_fp32_img_s": fp32_img_s,
         "onnx_speedup": img_s / fp32_img_s,
+        "onnx_threads": int(threads) if threads else os.cpu_count(),
     }, logits

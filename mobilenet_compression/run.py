@@ -352,7 +352,7 @@ def quantize_and_measure(config, run, loaded, progress):
     if config.bias_correction == "auto":
         val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
         qmodel, used, without, with_ = bias_correct_if_better(
-            qmodel, fp32, calib_loader, lambda m: evaluate(m, val_loader),
+            qmodel, fp32, calib_loader, lambda m: evaluate(m, val_loader, fold=True),
             num_batches=config.calib_batches)
         chosen = {"bias_correction_used": used, "bias_correction_val_acc_without": without,
                   "bias_correction_val_acc_with": with_}
@@ -401,8 +401,8 @@ def quantize_and_measure(config, run, loaded, progress):
         onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
         onnx, onnx_logits = onnx_export.measure_onnx(
             qmodel, fp32, onnx_path, test_loader,
-            (info.in_channels, info.input_size, info.input_size), config.threads,
-            calib_loader, config.calib_batches)
+            (info.in_channels, info.input_size, info.input_size),
+            threads.resolve_threads(config.threads), calib_loader, config.calib_batches)
         onnx["onnx_agreement"] = onnx_export.agreement(torch_logits,
                                                        onnx_logits[:len(torch_logits)])
         onnx["onnx_agreement_images"] = len(torch_logits)

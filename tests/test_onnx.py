@@ -101,10 +101,16 @@ def test_engine_onnxruntime_run_logs_engine_and_matches_the_torch_engine(
     res = tmp_path / "res"
     common = ["--checkpoint", str(small_checkpoint), "--weight_bits", "8", "--activation_bits",
               "8", "--results_dir", str(res), "--wandb_mode", "offline", *QUICK]
-    for engine in ("torch", "onnxruntime"):
-        r = sweep_py([*common, "--engine", engine, "--seed", "1" if engine == "torch" else "2"],
-                     tmp_path)
-        assert r.returncode == 0, r.stderr
+    r = sweep_py([*common, "--engine", "torch", "--seed", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    # The second run takes its thread count from OMP_NUM_THREADS (what the offline agent sets
+    # for K runs sharing a machine), not --threads: ONNX Runtime must get it too.
+    i = common.index("--threads")
+    args = [*common[:i], *common[i + 2:], "--engine", "onnxruntime", "--seed", "2"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], cwd=tmp_path,
+                       env=env_for(tmp_path, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
     rows = pd.read_csv(res / "runs" / "runs.csv").set_index("engine")
     assert set(rows.index) == {"torch", "onnxruntime"}
     # The same model in both engines (each run's own): 1 point on these 300 test images
@@ -114,6 +120,7 @@ def test_engine_onnxruntime_run_logs_engine_and_matches_the_torch_engine(
     assert (rows.onnx_agreement >= 98.0).all()
     assert rows.quant_acc["onnxruntime"] == rows.onnx_acc["onnxruntime"]
     assert rows.onnx_agreement_images["torch"] == 300
+    assert (rows.onnx_threads == 1).all()
     for col in ("onnx_img_s", "onnx_latency_ms", "onnx_speedup", "onnx_agreement",
                 "time/startup_s", "time/onnx_s", "time/wandb_finish_s", "time/total_s"):
         assert (rows[col] > 0).all(), col

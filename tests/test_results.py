@@ -1,6 +1,7 @@
 """The committed results: the strong checkpoint loads and names its recipe, one committed cell
 re-runs to the committed accuracy, and `make demo` trains with the recipe README.md states."""
 
+import json
 import os
 import re
 import subprocess
@@ -51,18 +52,26 @@ def test_one_committed_cell_reruns_to_the_committed_accuracy(tmp_path, folder):
     table = pd.read_csv(sweep_dir / "runs.csv")
     row = table[(table.weight_bits == 4) & (table.activation_bits == 8)].iloc[0]
     assert row.status == "finished" and row.eval_images == 10_000
+    # The cell's own parameters, as the sweep gave them (the 18-epoch grid predates the
+    # `auto` bias correction default and ran with it always on).
+    params = {k: v for k, v in json.loads(row.sweep_params).items()
+              if k not in ("checkpoint", "data_dir")}
+    assert (params["weight_bits"], params["activation_bits"]) == (4, 8)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     r = subprocess.run(
         [sys.executable, str(REPO / "sweep.py"), "--checkpoint", str(checkpoint),
-         "--weight_bits", "4", "--activation_bits", "8", "--data_dir", str(tmp_path / "data"),
+         *[f"--{k}={v}" for k, v in params.items()], "--data_dir", str(tmp_path / "data"),
          "--results_dir", str(tmp_path / "res"), "--wandb_mode", "disabled", "--threads", "1"],
         cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rerun = pd.read_csv(tmp_path / "res" / "runs" / "runs.csv").iloc[0]
-    # Bit-identical on the machine that made it with the code that made it; another CPU, or
-    # the 18-epoch grid re-run by today's code (BatchNorm folded for evaluation, biases on the
-    # int32 grid), may move a test image or two.
-    assert abs(rerun.quant_acc - row.quant_acc) <= 0.05, (rerun.quant_acc, row.quant_acc)
+    # Bit-identical on the machine that made it with the code that made it; another CPU may
+    # move a test image or two. The 18-epoch grid predates three changes in how the same
+    # model is computed (BatchNorm folded for evaluation, biases on the int32 grid, bias
+    # correction's channel means summed in float32): re-run today, this cell moves by 5 to 7
+    # of the 10,000 test images (92.53 and 92.55 against 92.48), so it gets 10.
+    tolerance = 0.1 if folder == "fashion-mnist-w0.35" else 0.05
+    assert abs(rerun.quant_acc - row.quant_acc) <= tolerance, (rerun.quant_acc, row.quant_acc)
     assert abs(rerun.baseline_acc - row.baseline_acc) <= 0.05
     assert rerun.compressed_mb == row.compressed_mb and rerun.bitops == row.bitops
 
