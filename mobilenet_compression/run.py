@@ -321,7 +321,7 @@ def load_run_data(config, ckpt, device):
 
 def quantize_and_measure(config, run, loaded, progress):
     """prepare -> calibrate [-> bias_correct] [-> train] -> convert -> measure -> log."""
-    threads.set_threads(config.threads)
+    n_threads = threads.set_threads(config.threads)  # torch's, and ONNX Runtime's below
     ckpt, fp32 = loaded
     device = resolve_device(config.device)
     progress.start("load")
@@ -402,7 +402,7 @@ def quantize_and_measure(config, run, loaded, progress):
         onnx, onnx_logits = onnx_export.measure_onnx(
             qmodel, fp32, onnx_path, test_loader,
             (info.in_channels, info.input_size, info.input_size),
-            threads.resolve_threads(config.threads), calib_loader, config.calib_batches)
+            n_threads, calib_loader, config.calib_batches)
         onnx["onnx_agreement"] = onnx_export.agreement(torch_logits,
                                                        onnx_logits[:len(torch_logits)])
         onnx["onnx_agreement_images"] = len(torch_logits)

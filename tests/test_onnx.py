@@ -107,9 +107,7 @@ def test_engine_onnxruntime_run_logs_engine_and_matches_the_torch_engine(
     # for K runs sharing a machine), not --threads: ONNX Runtime must get it too.
     i = common.index("--threads")
     args = [*common[:i], *common[i + 2:], "--engine", "onnxruntime", "--seed", "2"]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], cwd=tmp_path,
-                       env=env_for(tmp_path, OMP_NUM_THREADS="1"), capture_output=True,
-                       text=True, stdin=subprocess.DEVNULL)
+    r = sweep_py(args, tmp_path, OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stderr
     rows = pd.read_csv(res / "runs" / "runs.csv").set_index("engine")
     assert set(rows.index) == {"torch", "onnxruntime"}

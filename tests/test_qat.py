@@ -228,9 +228,9 @@ def small_checkpoint(tmp_path_factory, _fashion_mnist_state):
     return path
 
 
-def sweep_py(args, tmp):
+def sweep_py(args, tmp, **extra_env):
     return subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], cwd=tmp,
-                          env=env_for(tmp), capture_output=True, text=True,
+                          env=env_for(tmp, **extra_env), capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
 
 

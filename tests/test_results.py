@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 # one is the >= 93% checkpoint of issue 9; the 18-epoch one (92.88%) made the calibration,
 # bias correction, QAT and mixed-precision sweeps beside it.
 CHECKPOINTS = [("fashion-mnist-w0.35", 18, 92.5), ("fashion-mnist-w0.35-e30", 30, 93.0)]
+# How far (points of test accuracy) a re-run of each one's committed W4A8 cell may land from
+# it. Bit-identical on the machine that made it with the code that made it; another CPU may
+# move a test image or two. The 18-epoch grid predates three changes in how the same model is
+# computed (BatchNorm folded for evaluation, biases on the int32 grid, bias correction's
+# channel means summed in float32): re-run today, its cell moves by 5 to 7 of the 10,000 test
+# images (92.53 and 92.55 against 92.48), so it gets 10.
+RERUN_TOLERANCE = {"fashion-mnist-w0.35": 0.1, "fashion-mnist-w0.35-e30": 0.05}
 
 
 @pytest.mark.parametrize("folder,epochs,min_test_acc", CHECKPOINTS)
@@ -65,13 +72,8 @@ def test_one_committed_cell_reruns_to_the_committed_accuracy(tmp_path, folder):
         cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rerun = pd.read_csv(tmp_path / "res" / "runs" / "runs.csv").iloc[0]
-    # Bit-identical on the machine that made it with the code that made it; another CPU may
-    # move a test image or two. The 18-epoch grid predates three changes in how the same
-    # model is computed (BatchNorm folded for evaluation, biases on the int32 grid, bias
-    # correction's channel means summed in float32): re-run today, this cell moves by 5 to 7
-    # of the 10,000 test images (92.53 and 92.55 against 92.48), so it gets 10.
-    tolerance = 0.1 if folder == "fashion-mnist-w0.35" else 0.05
-    assert abs(rerun.quant_acc - row.quant_acc) <= tolerance, (rerun.quant_acc, row.quant_acc)
+    assert abs(rerun.quant_acc - row.quant_acc) <= RERUN_TOLERANCE[folder], (
+        rerun.quant_acc, row.quant_acc)
     assert abs(rerun.baseline_acc - row.baseline_acc) <= 0.05
     assert rerun.compressed_mb == row.compressed_mb and rerun.bitops == row.bitops
 
