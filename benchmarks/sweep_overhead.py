@@ -3,8 +3,8 @@
     python benchmarks/sweep_overhead.py results/<sweep id>
 
 Reads runs.csv (each finished run's `time/*_s` columns: startup, wandb_init, load, baseline,
-calibrate, qat, eval, export, onnx, log, wandb_finish, and total) and, when the offline
-agent left one, agent_state.json (each run's wall time from launch to exit, and the sweep's
+calibrate, round (GPTQ), qat, eval, export, onnx, log, wandb_finish, and total) and, when
+the offline agent left one, agent_state.json (each run's wall time from launch to exit, and the sweep's
 span). Prints the median seconds per stage, the per-run overhead (everything but the
 evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), and
 the sweep's wall time. Figures, not assertions.
@@ -16,8 +16,8 @@ import sys
 
 import pandas as pd
 
-STAGES = ["startup", "wandb_init", "load", "baseline", "calibrate", "qat", "eval", "export",
-          "onnx", "log", "wandb_finish"]
+STAGES = ["startup", "wandb_init", "load", "baseline", "calibrate", "round", "qat", "eval",
+          "export", "onnx", "log", "wandb_finish"]
 
 
 def main():

@@ -18,6 +18,7 @@ from .quantization import (  # the quantizers' own choices, named once there
     WEIGHT_METHODS,
 )
 from .quantization import _check_choice as _choice
+from .rounding import ROUNDINGS
 
 METHODS = ("ptq", "qat")
 # Who measures quant_acc: PyTorch's fake-quantized model, or ONNX Runtime running the
@@ -96,6 +97,7 @@ class RunConfig:
     calib_batch_size: int = 128
     weight_method: str = "minmax"
     weight_granularity: str = "per_channel"
+    weight_rounding: str = "nearest"
     bias_correction: bool | str = "auto"  # on/off per run, by validation accuracy (README)
     qat_epochs: float = 1.0
     qat_lr: float = 0.01
@@ -129,6 +131,7 @@ class RunConfig:
         v["method"] = _choice(v["method"], METHODS, "--method")
         v["calibration"] = _choice(v["calibration"], CALIBRATION_METHODS, "--calibration")
         v["weight_method"] = _choice(v["weight_method"], WEIGHT_METHODS, "--weight_method")
+        v["weight_rounding"] = _choice(v["weight_rounding"], ROUNDINGS, "--weight_rounding")
         v["weight_granularity"] = _choice(v["weight_granularity"], WEIGHT_GRANULARITIES,
                                           "--weight_granularity")
         for name in ("calib_batches", "calib_batch_size", "qat_batch_size",
@@ -189,7 +192,8 @@ class RunConfig:
     def run_parameters(self):
         """The parameters logged with a run (W&B config and runs.csv columns)."""
         keys = ["weight_bits", "activation_bits", "method", "calibration", "calib_batches",
-                "weight_method", "weight_granularity", "bias_correction", "engine", "seed"]
+                "weight_method", "weight_granularity", "weight_rounding", "bias_correction", "engine",
+                "seed"]
         if self.plan != "uniform":
             keys += ["plan"] + (["bitops_budget"] if self.bitops_budget else []) + (
                 ["size_budget_mb"] if self.size_budget_mb else [])

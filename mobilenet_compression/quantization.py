@@ -35,6 +35,8 @@ training the scales become learnable (LSQ, Esser et al. 2020): torch's
 The flow, each step a function here (run.py calls them in this order):
   prepare          `quantize_model`: swap the layers, set weight scales;
   calibrate        `calibrate`: activation ranges from training images;
+  round            rounding.gptq (optional, `--weight_rounding gptq`): each weight's grid
+                   point chosen to cut its layer's output error (GPTQ);
   bias_correct     `bias_correct` (optional): empirical bias correction;
   (train)          qat.train_qat (optional): fine-tune weights and scales;
   convert          `convert`: freeze: scales fixed, each weight replaced by its quantized

@@ -88,8 +88,8 @@ def pareto_front(cost, gain):
 
 # Run parameters that are categories rather than numbers: where one varies in a sweep it gets
 # a column in summary.md, a word in the run labels and a categorical parallel-coordinates axis.
-CATEGORIES = ("method", "distill", "calibration", "weight_method", "bias_correction", "engine",
-              "plan")
+CATEGORIES = ("method", "distill", "calibration", "weight_method", "weight_rounding",
+              "bias_correction", "engine", "plan")
 
 
 # Yes/no categories: a run label carries the word when the flag is on.
@@ -210,8 +210,8 @@ def summary_markdown(df, source, uniform=None):
     categories = varying_categories(done)
     columns = [("W_bits", "weight_bits", 0), ("A_bits", "activation_bits", 0)]
     columns += [({"calibration": "Calib", "method": "Method", "bias_correction": "Bias corr.",
-                  "distill": "Distill", "weight_method": "Weights", "engine": "Engine",
-                  "plan": "Plan"}[c], c, None) for c in categories]
+                  "distill": "Distill", "weight_method": "Weights", "weight_rounding": "Rounding",
+                  "engine": "Engine", "plan": "Plan"}[c], c, None) for c in categories]
     columns += [("Accuracy", "quant_acc", 2), ("Drop", "acc_drop", 2),
                 ("ONNX acc", "onnx_acc", 2), ("Agree", "onnx_agreement", 2),
                 ("ONNX x", "onnx_speedup", 2), ("Orig_MB", "orig_mb", 2),

@@ -7,8 +7,9 @@ The flow, each step a named function a reader can find:
     loaded  = load_model(checkpoint)                       FP32 model + its metadata
     data    = load_run_data(...)                           calibration/QAT and test images
     qmodel  = quantize_model(...)                          prepare: swap layers
-    calibrate(...); bias_correct(...) if asked             PTQ (auto: kept if it helps on
-                                                           validation images)
+    calibrate(...); gptq(...) if asked                     PTQ: activation ranges, weight
+    bias_correct(...) if asked                             rounding; bias (auto: kept if it
+                                                           helps on validation images)
     train_qat(...) if method == "qat"                      QAT (LSQ)
     convert(qmodel)                                        freeze
     quant_acc = accuracy(predict(qmodel, test))            measure (torch engine)
@@ -59,6 +60,7 @@ from .precision import mean_bits
 from .qat import train_qat
 from .quantization import (bias_correct, bias_correct_if_better, calibrate, convert,
                            precision_plan, quantize_model)
+from .rounding import ROUNDINGS, gptq
 from .signals import StopFlag, Stopped
 from .tracking import WANDB_MODES, init_run, resolve_mode
 from .train import resolve_device
@@ -100,6 +102,10 @@ def get_args_parser():
     p.add_argument("--weight_method", default=d.weight_method, choices=WEIGHT_METHODS,
                    help="per-channel weight scale: absmax, or the clip with the least "
                         "squared error (default: %(default)s)")
+    p.add_argument("--weight_rounding", default=d.weight_rounding, choices=ROUNDINGS,
+                   help="which grid point each weight takes: the nearest, or GPTQ's choice "
+                        "that minimises each layer's output error on the calibration images "
+                        "(default: %(default)s)")
     p.add_argument("--weight_granularity", default=d.weight_granularity,
                    choices=WEIGHT_GRANULARITIES,
                    help="weight scales per output channel, or one per tensor as in the "
@@ -320,7 +326,8 @@ def load_run_data(config, ckpt, device):
 
 
 def quantize_and_measure(config, run, loaded, progress):
-    """prepare -> calibrate [-> bias_correct] [-> train] -> convert -> measure -> log."""
+    """prepare -> calibrate [-> gptq] [-> bias_correct] [-> train] -> convert -> measure ->
+    log."""
     n_threads = threads.set_threads(config.threads)  # torch's, and ONNX Runtime's below
     ckpt, fp32 = loaded
     device = resolve_device(config.device)
@@ -348,6 +355,10 @@ def quantize_and_measure(config, run, loaded, progress):
     calib_loader = BatchLoader(calib, info, config.calib_batch_size, channels_last=True)
     calibrate(qmodel, calib_loader, method=config.calibration,
               num_batches=config.calib_batches, seed=config.seed)
+    if config.weight_rounding == "gptq":
+        progress.start("round")
+        gptq(qmodel, calib_loader)
+        progress.start("calibrate")  # bias correction is timed with calibration
     chosen = {}
     if config.bias_correction == "auto":
         val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)

@@ -92,7 +92,8 @@ def test_agent_style_run_without_arguments_reads_the_config_file(tmp_path, check
     # {param: {value: v}} and three environment variables; the command passes no arguments.
     config = {"weight_bits": {"value": 3}, "activation_bits": {"value": 6},
               "checkpoint": {"value": str(checkpoint)}, "max_eval_samples": {"value": 300},
-              "calib_batches": {"value": 2}, "results_dir": {"value": str(tmp_path / "res")}}
+              "calib_batches": {"value": 2}, "results_dir": {"value": str(tmp_path / "res")},
+              "weight_rounding": {"value": "gptq"}}
     path = tmp_path / "config-abc123.yaml"
     path.write_text(yaml.safe_dump(config))
     env = env_for(tmp_path, WANDB_SWEEP_ID="sw1", WANDB_RUN_ID="abc123",
@@ -102,6 +103,7 @@ def test_agent_style_run_without_arguments_reads_the_config_file(tmp_path, check
     rows = pd.read_csv(tmp_path / "res" / "sw1" / "runs.csv")
     assert rows.run_id.tolist() == ["abc123"]
     assert (rows.weight_bits[0], rows.activation_bits[0]) == (3, 6)
+    assert rows.weight_rounding[0] == "gptq"
 
     config["no_such_param"] = {"value": 1}
     path.write_text(yaml.safe_dump(config))
@@ -172,6 +174,7 @@ def _other_arch(tmp, checkpoint):
     (lambda t, c: ["--activation_bits", "4.5"], "invalid int value"),
     (lambda t, c: ["--weight_bits", "12"], "--weight_bits"),
     (lambda t, c: ["--calibration", "entropy"], "invalid choice"),
+    (lambda t, c: ["--weight_rounding", "adaround"], "invalid choice"),
     (lambda t, c: ["--calib_batches", "0"], "--calib_batches"),
     (lambda t, c: ["--checkpoint", str(t / "missing.pt")], "does not exist"),
     (lambda t, c: ["--checkpoint", str(_corrupt(t))], "corrupt"),
