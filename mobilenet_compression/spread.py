@@ -8,7 +8,9 @@ activation_bits) cell this writes, into DIR: spread.md (per cell: mean, sample s
 deviation and min..max of quant_acc and of acc_drop over the checkpoints, the FP32
 accuracies, and the source folders), spread.csv (the same numbers), and spread.png (a heat
 map of mean quant_acc annotated with its spread, beside the drop's error bars per weight
-width). With --metric onnx_acc (or any runs.csv column) the same for that column.
+width). With --metric onnx_acc (or any runs.csv column) the same for that column; with
+--where weight_rounding=gptq (any runs.csv column and value) only those runs, for sweeps that
+vary a setting beside the bits.
 """
 
 import os
@@ -19,10 +21,24 @@ from .files import atomic_write
 
 # Run parameters that must be the same in every sweep of a spread.
 SAME = ("method", "calibration", "bias_correction", "weight_method", "weight_granularity",
-        "calib_batches", "engine")
+        "weight_rounding", "calib_batches", "engine")
+# What a run did before its runs.csv had the column.
+BEFORE_COLUMN = {"engine": "torch", "weight_rounding": "nearest"}
 
 
-def load_grids(folders, metric):
+def parse_where(items):
+    """--where COL=VALUE items -> {COL: VALUE}."""
+    where = {}
+    for item in items or []:
+        col, sep, value = item.partition("=")
+        if not sep or not col or not value:
+            raise UserError(f"--where takes COLUMN=VALUE, e.g. weight_rounding=gptq, got "
+                            f"{item!r}.")
+        where[col] = value
+    return where
+
+
+def load_grids(folders, metric, where=None):
     import pandas as pd
 
     frames = []
@@ -36,15 +52,26 @@ def load_grids(folders, metric):
         missing = {"weight_bits", "activation_bits", metric, "baseline_acc"} - set(df.columns)
         if missing:
             raise UserError(f"{path} has no column {sorted(missing)[0]!r}.")
-        if "engine" in df.columns:  # rows from before the engine column: torch runs
-            df["engine"] = df["engine"].fillna("torch")
-        else:
-            df["engine"] = "torch"
+        # rows from before a column existed ran what it now calls its old default
+        for col, before in BEFORE_COLUMN.items():
+            df[col] = df[col].fillna(before) if col in df.columns else before
         df = df.assign(source=folder, checkpoint_index=i)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
+    for col, value in (where or {}).items():
+        if col not in df.columns:
+            raise UserError(f"--where {col}={value}: the sweeps' runs.csv have no column "
+                            f"{col!r}.")
+        df = df[df[col].astype(str) == value]
+    if df.empty:
+        raise UserError("no finished run matches --where "
+                        + " ".join(f"{c}={v}" for c, v in where.items()) + ".")
     for col in SAME:  # a spread over seeds compares like with like
         if col in df.columns:
+            mixed = df.groupby("source")[col].nunique(dropna=False)
+            if (mixed > 1).any():
+                raise UserError(f"{mixed.idxmax()} holds runs with several {col} values; "
+                                f"pick one with --where {col}=VALUE.")
             seen = df.groupby("source")[col].apply(lambda v: tuple(sorted(map(str, set(v)))))
             if seen.nunique() > 1:
                 raise UserError(f"the sweeps differ in {col} ("
@@ -64,11 +91,13 @@ def cell_table(df, metric):
                                                     ascending=False)
 
 
-def markdown(table, df, metric):
+def markdown(table, df, metric, where=None):
     base = df.groupby("source")["baseline_acc"].first()
     lines = ["# Spread over checkpoints", "",
              f"{df['source'].nunique()} sweeps of the same grid on checkpoints that differ "
-             f"only in their training seed; FP32 test accuracy "
+             f"only in their training seed"
+             + "".join(f"; runs with {c} = {v}" for c, v in (where or {}).items())
+             + "; FP32 test accuracy "
              + ", ".join(f"{v:.2f}" for v in base) + f" (mean {base.mean():.2f}, std "
              f"{base.std():.2f}). Sources: " + ", ".join(f"`{s}`" for s in base.index) + ".",
              "", f"Per cell: mean ± sample standard deviation [min..max] of `{metric}` and of "
@@ -129,14 +158,18 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for spread.md, spread.csv, spread.png")
     p.add_argument("--metric", default="quant_acc", help="runs.csv column (default: "
                    "%(default)s)")
+    p.add_argument("--where", action="append", metavar="COLUMN=VALUE",
+                   help="only the runs whose runs.csv COLUMN is VALUE, e.g. "
+                        "weight_rounding=gptq, for sweeps that vary it (repeatable)")
     args = p.parse_args(argv)
     if len(args.sweeps) < 2:
         raise UserError("a spread needs at least two sweeps (checkpoints).")
-    df = load_grids(args.sweeps, args.metric)
+    where = parse_where(args.where)
+    df = load_grids(args.sweeps, args.metric, where)
     table = cell_table(df, args.metric)
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, "spread.md"),
-                 lambda f: f.write(markdown(table, df, args.metric).encode()))
+                 lambda f: f.write(markdown(table, df, args.metric, where).encode()))
     atomic_write(os.path.join(args.out, "spread.csv"),
                  lambda f: f.write(table.to_csv(index=False, float_format="%.4f").encode()))
     plot(table, args.metric, os.path.join(args.out, "spread.png"))

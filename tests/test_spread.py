@@ -51,3 +51,40 @@ def test_sweeps_of_different_configurations_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
     r = spread(a, str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "runs.csv does not exist" in r.stderr
+
+
+def write_rounding_sweep(folder, baseline, nearest, gptq):
+    """A sweep that varies weight_rounding beside the bits, as rounding.yaml does."""
+    folder.mkdir(parents=True)
+    rows = [{"run_id": f"{r}{i}", "status": "finished", "weight_bits": wb,
+             "activation_bits": ab, "baseline_acc": baseline, "quant_acc": acc,
+             "calibration": "mse", "bias_correction": True, "weight_rounding": r}
+            for r, accs in (("nearest", nearest), ("gptq", gptq))
+            for i, ((wb, ab), acc) in enumerate(accs.items())]
+    pd.DataFrame(rows).to_csv(folder / "runs.csv", index=False)
+    return str(folder)
+
+
+def test_where_picks_one_setting_of_a_sweep_that_varies_it(tmp_path):
+    a = write_rounding_sweep(tmp_path / "a", 93.0, {(4, 8): 92.0}, {(4, 8): 92.8})
+    b = write_rounding_sweep(tmp_path / "b", 92.0, {(4, 8): 91.0}, {(4, 8): 91.6})
+    out = tmp_path / "out"
+    r = spread(a, b, "--out", str(out))  # both settings in one cell would be no spread
+    assert r.returncode == 2 and "several weight_rounding values" in r.stderr
+    assert "--where weight_rounding=VALUE" in r.stderr and not out.exists()
+    for rounding, mean in (("gptq", 92.2), ("nearest", 91.5)):
+        r = spread(a, b, "--out", str(out), "--where", f"weight_rounding={rounding}")
+        assert r.returncode == 0, r.stderr
+        cell = pd.read_csv(out / "spread.csv").iloc[0]
+        assert cell["count"] == 2 and abs(cell["mean"] - mean) < 1e-9, rounding
+        assert f"runs with weight_rounding = {rounding}" in (out / "spread.md").read_text()
+    # A sweep from before the column existed ran nearest rounding.
+    old = write_sweep(tmp_path / "old", 92.5, {(4, 8): 91.9})
+    r = spread(a, old, "--out", str(out), "--where", "weight_rounding=nearest")
+    assert r.returncode == 0, r.stderr
+    assert abs(pd.read_csv(out / "spread.csv").iloc[0]["mean"] - 91.95) < 1e-9
+    for bad, message in (("weight_rounding", "COLUMN=VALUE"), ("no_col=1", "no column"),
+                         ("weight_rounding=adaround", "no finished run matches")):
+        r = spread(a, b, "--out", str(tmp_path / "bad"), "--where", bad)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, bad
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
