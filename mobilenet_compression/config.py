@@ -97,7 +97,7 @@ class RunConfig:
     calib_batch_size: int = 128
     weight_method: str = "minmax"
     weight_granularity: str = "per_channel"
-    weight_rounding: str = "nearest"
+    weight_rounding: str = "gptq"  # the default since the rounding sweeps (README)
     bias_correction: bool | str = "auto"  # on/off per run, by validation accuracy (README)
     qat_epochs: float = 1.0
     qat_lr: float = 0.01

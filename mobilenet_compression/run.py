@@ -104,8 +104,8 @@ def get_args_parser():
                         "squared error (default: %(default)s)")
     p.add_argument("--weight_rounding", default=d.weight_rounding, choices=ROUNDINGS,
                    help="which grid point each weight takes: the nearest, or GPTQ's choice "
-                        "that minimises each layer's output error on the calibration images "
-                        "(default: %(default)s)")
+                        "that minimises each layer's output error on 128 calibration images "
+                        "(layers with 8-bit weights keep the nearest) (default: %(default)s)")
     p.add_argument("--weight_granularity", default=d.weight_granularity,
                    choices=WEIGHT_GRANULARITIES,
                    help="weight scales per output channel, or one per tensor as in the "

@@ -13,6 +13,7 @@ import pytest
 import torch
 from mobilenet_compression import agent
 from mobilenet_compression.checkpoint import load_checkpoint
+from mobilenet_compression.spread import BEFORE_COLUMN
 
 REPO = Path(__file__).resolve().parents[1]
 # The committed checkpoints: (folder, epochs, lowest test accuracy it must have). The 30-epoch
@@ -63,6 +64,12 @@ def test_one_committed_cell_reruns_to_the_committed_accuracy(tmp_path, folder):
     # `auto` bias correction default and ran with it always on).
     params = {k: v for k, v in json.loads(row.sweep_params).items()
               if k not in ("checkpoint", "data_dir")}
+    # Settings added after the sweep: the value its row recorded, else what runs did before
+    # the setting existed.
+    for col, before in BEFORE_COLUMN.items():
+        if col not in params:
+            value = row.get(col)
+            params[col] = before if value is None or pd.isna(value) else value
     assert (params["weight_bits"], params["activation_bits"]) == (4, 8)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     r = subprocess.run(

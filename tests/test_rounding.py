@@ -12,6 +12,7 @@ from mobilenet_compression.errors import UserError
 from mobilenet_compression.quantization import (
     calibrate,
     fake_quantize,
+    precision_plan,
     quant_layers,
     quantize_model,
     signed_range,
@@ -129,3 +130,13 @@ def test_gptq_on_the_model_reads_training_images_keeps_weights_on_grid_and_helps
     x = torch.cat([x for x, _ in BatchLoader(val.head(512), info, 512)])
     assert _logit_error(rounded, fashion_mnist_model, x) < _logit_error(
         qmodel, fashion_mnist_model, x)
+    # 8-bit weights keep nearest rounding (GPTQ_MAX_BITS).
+    w8 = calibrate(quantize_model(fashion_mnist_model, {**precision_plan(qmodel),
+                                                        "features.1.conv.1": (8, 8)}),
+                   loader, "minmax")
+    w8_rounded = gptq(copy.deepcopy(w8), loader, images=256)
+    layer, kept = w8.get_submodule("features.1.conv.1"), w8_rounded.get_submodule(
+        "features.1.conv.1")
+    assert torch.equal(kept.weight, layer.weight)
+    assert not torch.equal(w8_rounded.get_submodule("features.2.conv.0.0").weight,
+                           w8.get_submodule("features.2.conv.0.0").weight)
