@@ -105,7 +105,8 @@ def get_args_parser():
     p.add_argument("--weight_rounding", default=d.weight_rounding, choices=ROUNDINGS,
                    help="which grid point each weight takes: the nearest, or GPTQ's choice "
                         "that minimises each layer's output error on 128 calibration images "
-                        "(layers with 8-bit weights keep the nearest) (default: %(default)s)")
+                        "(layers with 8-bit weights keep the nearest) (default: gptq with "
+                        "--method ptq, nearest with qat)")
     p.add_argument("--weight_granularity", default=d.weight_granularity,
                    choices=WEIGHT_GRANULARITIES,
                    help="weight scales per output channel, or one per tensor as in the "

@@ -243,6 +243,7 @@ def test_qat_run_logs_method_reloads_and_counts_bitops_from_its_plan(tmp_path,
     assert r.returncode == 0, r.stderr
     row = pd.read_csv(res / "runs" / "runs.csv").iloc[0]
     assert (row.method, row.status, bool(row.bias_correction)) == ("qat", "finished", True)
+    assert row.weight_rounding == "nearest"  # QAT's default rounding (config.default_rounding)
     assert row.roundtrip_max_abs_diff == 0.0  # the file reloads to the same logits
     assert row.qat_seconds > 0 and row.qat_steps >= 1
     (model_file,) = (res / "runs" / "models").glob("*.safetensors")

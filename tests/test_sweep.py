@@ -79,6 +79,7 @@ def test_one_run_logs_design_metrics_and_a_real_file(tmp_path, checkpoint):
     rows = pd.read_csv(tmp_path / "res" / "runs" / "runs.csv")
     assert len(rows) == 1 and rows.run_id[0] == s["run_id"]
     row = rows.iloc[0]
+    assert row.weight_rounding == "gptq" and s["config"]["weight_rounding"] == "gptq"
     (model_file,) = (tmp_path / "res" / "runs" / "models").glob("*.safetensors")
     assert row.compressed_mb == pytest.approx(os.path.getsize(model_file) / 2**20)
     assert row.compression_ratio == pytest.approx(row.orig_mb / row.compressed_mb)
