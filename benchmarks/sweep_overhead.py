@@ -4,9 +4,9 @@
 
 Reads runs.csv (each finished run's `time/*_s` columns: startup, wandb_init, load, baseline,
 calibrate, round (GPTQ), qat, eval, export, onnx, log, wandb_finish, and total) and, when
-the offline agent left one, agent_state.json (each run's wall time from launch to exit, and the sweep's
-span). Prints the median seconds per stage, the per-run overhead (everything but the
-evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), and
+the offline agent left one, agent_state.json (each run's wall time from launch to exit, and
+the sweep's span). Prints the median seconds per stage, the per-run overhead (everything but
+the evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), and
 the sweep's wall time. Figures, not assertions.
 """
 

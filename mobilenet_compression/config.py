@@ -203,8 +203,8 @@ class RunConfig:
     def run_parameters(self):
         """The parameters logged with a run (W&B config and runs.csv columns)."""
         keys = ["weight_bits", "activation_bits", "method", "calibration", "calib_batches",
-                "weight_method", "weight_granularity", "weight_rounding", "bias_correction", "engine",
-                "seed"]
+                "weight_method", "weight_granularity", "weight_rounding", "bias_correction",
+                "engine", "seed"]
         if self.plan != "uniform":
             keys += ["plan"] + (["bitops_budget"] if self.bitops_budget else []) + (
                 ["size_budget_mb"] if self.size_budget_mb else [])

@@ -40,19 +40,31 @@ GPTQ_IMAGES = 128
 GPTQ_MAX_BITS = 7
 
 
+def _pointwise(layer):
+    """A Linear layer or a 1x1 conv with stride 1 and no padding: its rows are its inputs."""
+    return isinstance(layer, nn.Linear) or (
+        layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0))
+
+
+def _im2col(layer, x):
+    """A conv's unfolded input, (N, groups, d, positions): what each group's W_g multiplies."""
+    u = nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding,
+                             layer.stride)  # (N, C_in k k, L), channel-major
+    n, d, length = u.shape
+    return u.reshape(n, layer.groups, d // layer.groups, length)
+
+
 def _unfold(layer, x):
     """The layer's input as (groups, rows, features): each row one output position's input,
     so that the layer's output per group is W_g @ row."""
     if isinstance(layer, nn.Linear):
         return x.reshape(1, -1, x.shape[-1])
     g = layer.groups
-    if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0):
+    if _pointwise(layer):
         cols = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N H W, C_in)
         return cols.reshape(-1, g, x.shape[1] // g).transpose(0, 1)
-    u = nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding,
-                             layer.stride)  # (N, C_in k k, L), channel-major
-    n, d, length = u.shape
-    return u.reshape(n, g, d // g, length).permute(1, 0, 3, 2).reshape(g, n * length, d // g)
+    u = _im2col(layer, x)
+    return u.permute(1, 0, 3, 2).reshape(g, -1, u.shape[2])
 
 
 def _add_hessian(h, layer, x):
@@ -62,16 +74,11 @@ def _add_hessian(h, layer, x):
     other convs multiply each image's unfolded (groups, d, positions) block by its transpose
     and add over images, which skips `_unfold`'s copy (40% faster for depthwise convs)."""
     x = x.float()
-    pointwise = isinstance(layer, nn.Linear) or (
-        layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0))
-    if pointwise:
+    if _pointwise(layer):
         cols = _unfold(layer, x)
         part = torch.bmm(cols.transpose(1, 2), cols)
     else:
-        u = nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding,
-                                 layer.stride)
-        n, d, length = u.shape
-        u = u.reshape(n, layer.groups, d // layer.groups, length)
+        u = _im2col(layer, x)
         part = torch.matmul(u, u.transpose(-1, -2)).sum(0)
     part = part.double()
     return part if h is None else h + part
@@ -92,7 +99,7 @@ def gptq_weight(weight, scale, qmin, qmax, hessian, damp=DAMP):
     diag[dead] = 1.0
     w.masked_fill_(dead[:, None, :], 0.0)
     diag += damp * diag.mean(1, keepdim=True)
-    perm = torch.argsort(torch.diagonal(h, dim1=1, dim2=2), dim=1, descending=True)
+    perm = torch.argsort(diag, dim=1, descending=True)  # act order
     w = torch.gather(w, 2, perm[:, None, :].expand_as(w))
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand_as(h)), 2,
                      perm[:, None, :].expand_as(h))
@@ -135,6 +142,12 @@ def _block_hessian(block, layer, xs):
     return h[0]
 
 
+def _rounds(module):
+    """Whether GPTQ rounds this module: a quantized layer with 2 to GPTQ_MAX_BITS weight bits."""
+    return (isinstance(module, QUANT_LAYERS) and module.weight_quant.enabled
+            and module.weight_quant.bits <= GPTQ_MAX_BITS)
+
+
 @torch.no_grad()
 def gptq(qmodel, loader, images=GPTQ_IMAGES):
     """Round the weights of every quantized layer of `qmodel` with 2 to GPTQ_MAX_BITS weight
@@ -149,8 +162,7 @@ def gptq(qmodel, loader, images=GPTQ_IMAGES):
     _training_batches(loader, None, "GPTQ rounding")
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ValueError(f"images must be a positive integer, got {images!r}")
-    if not any(m.weight_quant.enabled and m.weight_quant.bits <= GPTQ_MAX_BITS
-               for m in qmodel.modules() if isinstance(m, QUANT_LAYERS)):
+    if not any(_rounds(m) for m in qmodel.modules()):
         return qmodel  # nothing to round: no image needs to pass through the network
     xs, seen = [], 0
     for x, _ in loader:
@@ -162,13 +174,12 @@ def gptq(qmodel, loader, images=GPTQ_IMAGES):
     qmodel.eval()
     try:
         for block in qmodel.features:
-            for layer in [m for m in block.modules() if isinstance(m, QUANT_LAYERS)]:
+            for layer in [m for m in block.modules() if _rounds(m)]:
                 wq = layer.weight_quant
-                if wq.enabled and wq.bits <= GPTQ_MAX_BITS:
-                    h = _block_hessian(block, layer, xs)
-                    rounded = gptq_weight(layer.weight, wq.scale, wq.qmin, wq.qmax, h)
-                    # through the quantizer's own arithmetic, so that it is a fixed point
-                    layer.weight.copy_(wq(rounded, impl="tensor"))
+                h = _block_hessian(block, layer, xs)
+                rounded = gptq_weight(layer.weight, wq.scale, wq.qmin, wq.qmax, h)
+                # through the quantizer's own arithmetic, so that it is a fixed point
+                layer.weight.copy_(wq(rounded, impl="tensor"))
             xs = [block(x) for x in xs]
     finally:
         qmodel.train(was_training)
