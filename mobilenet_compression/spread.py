@@ -21,7 +21,8 @@ from .files import atomic_write
 
 # Run parameters that must be the same in every sweep of a spread.
 SAME = ("method", "calibration", "bias_correction", "weight_method", "weight_granularity",
-        "weight_rounding", "calib_batches", "engine")
+        "weight_rounding", "calib_batches", "engine", "qat_epochs", "qat_lr", "qat_batch_size",
+        "qat_freeze_bn", "distill")
 # What a run did before its runs.csv had the column.
 BEFORE_COLUMN = {"engine": "torch", "weight_rounding": "nearest"}
 
@@ -91,6 +92,16 @@ def cell_table(df, metric):
                                                     ascending=False)
 
 
+def shared_settings(df):
+    """'method qat, qat_epochs 0.3, ...': the SAME columns the runs set (one value each, as
+    load_grids checked)."""
+    items = []
+    for col in SAME:
+        if col in df.columns and df[col].notna().any():
+            items.append(f"{col} {df[col].dropna().iloc[0]}")
+    return ", ".join(items)
+
+
 def markdown(table, df, metric, where=None):
     base = df.groupby("source")["baseline_acc"].first()
     lines = ["# Spread over checkpoints", "",
@@ -100,6 +111,7 @@ def markdown(table, df, metric, where=None):
              + "; FP32 test accuracy "
              + ", ".join(f"{v:.2f}" for v in base) + f" (mean {base.mean():.2f}, std "
              f"{base.std():.2f}). Sources: " + ", ".join(f"`{s}`" for s in base.index) + ".",
+             "", "Settings every run shares: " + shared_settings(df) + ".",
              "", f"Per cell: mean ± sample standard deviation [min..max] of `{metric}` and of "
              "its drop from the same checkpoint's FP32 accuracy, in points.", "",
              f"| W | A | n | {metric} | drop |", "|---|---|---|---|---|"]

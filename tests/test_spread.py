@@ -53,6 +53,20 @@ def test_sweeps_of_different_configurations_are_refused(tmp_path):
     assert r.returncode == 2 and "runs.csv does not exist" in r.stderr
 
 
+def test_qat_sweeps_must_share_their_training_settings(tmp_path):
+    qat = {"method": "qat", "qat_lr": 0.01, "distill": True}
+    a = write_sweep(tmp_path / "a", 93.0, {(4, 4): 92.0}, qat_epochs=0.3, **qat)
+    b = write_sweep(tmp_path / "b", 93.0, {(4, 4): 92.5}, qat_epochs=2.0, **qat)
+    r = spread(a, b, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "qat_epochs" in r.stderr
+    assert not (tmp_path / "out").exists()
+    c = write_sweep(tmp_path / "c", 92.0, {(4, 4): 91.0}, qat_epochs=0.3, **qat)
+    r = spread(a, c, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "out" / "spread.md").read_text()
+    assert "method qat" in md and "qat_epochs 0.3" in md and "distill True" in md
+
+
 def write_rounding_sweep(folder, baseline, nearest, gptq):
     """A sweep that varies weight_rounding beside the bits, as rounding.yaml does."""
     folder.mkdir(parents=True)
