@@ -379,11 +379,13 @@ class _QuantLayer:
         return self.weight_quant(self.weight)
 
     def add_bias(self):
-        """Give the layer a zero bias (bias correction adds to it); returns the bias."""
+        """Give the layer a zero bias (bias correction adds to it); returns the bias.
+        `bias_added` marks it: QAT holds such biases fixed (qat.py says why)."""
         if self.bias is None:
             out = self.weight.shape[0]
             self.bias = nn.Parameter(torch.zeros(out, device=self.weight.device,
                                                  dtype=self.weight.dtype))
+            self.bias_added = True
         return self.bias
 
 

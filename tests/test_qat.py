@@ -94,6 +94,27 @@ def test_learned_scales_receive_gradients_and_change(fashion_mnist_model, fashio
                for q in (layer.weight_quant, layer.input_quant))
 
 
+def test_qat_holds_the_biases_bias_correction_added_fixed(fashion_mnist_model, fashion_mnist):
+    """A bias bias correction put before a BatchNorm is not trained (qat.py: training it
+    wrecked QAT at 8 bits); the weights, the scales and the layers' own biases are."""
+    info, train, _, _ = fashion_mnist
+    fp32 = fashion_mnist_model
+    qmodel = bias_correct(ptq(fp32, fashion_mnist, 8, 8), fp32, BatchLoader(train, info, 256), 2)
+    added = {n: l.bias.detach().clone() for n, l in quant_layers(qmodel)
+             if getattr(l, "bias_added", False)}
+    assert len(added) == len(list(quant_layers(qmodel)))  # MobileNetV2's convs have none
+    weights = {n: l.weight.detach().clone() for n, l in quant_layers(qmodel)}
+    with torch_threads(1):
+        train_qat(qmodel, train.head(640), info,
+                  qat_config(weight_bits=8, activation_bits=8, qat_epochs=1.0))
+    for n, layer in quant_layers(qmodel):
+        assert torch.equal(layer.bias, added[n]), n
+        assert layer.bias.requires_grad  # given back as it was
+    assert sum(not torch.equal(l.weight, weights[n]) for n, l in quant_layers(qmodel)) \
+        == len(weights)
+    assert not qmodel.classifier[-1].bias.equal(fp32.classifier[-1].bias)  # trained
+
+
 def test_qat_and_bias_correction_refuse_validation_and_test_images(
         fashion_mnist_model, fashion_mnist):
     info, _, val, test = fashion_mnist
