@@ -29,6 +29,22 @@ def test_fewer_bits_hurt_more_and_kl_is_never_negative(fashion_mnist, fashion_mn
         assert worse >= 0.9 * len(layers), (kind, worse, len(layers))
 
 
+def test_starting_at_the_quantized_layers_block_changes_no_value(
+        fashion_mnist, fashion_mnist_model, monkeypatch):
+    # The blocks before the one quantized layer's block run once, in FP32 (sens._Suffix);
+    # every value must be what the whole network's forward gives, bit for bit, including
+    # the layers that quantize their block's input in place (the cached input is copied).
+    info, train, _, _ = fashion_mnist
+    loader = BatchLoader(train.head(128), info, 64, channels_last=True)
+    with torch_threads(1):
+        suffix = sens.measure(fashion_mnist_model, loader, 2, bits=(3,))
+        monkeypatch.setattr(sens._Suffix, "__call__",
+                            lambda self, model, name: sens._forward(model, self.images))
+        whole = sens.measure(fashion_mnist_model, loader, 2, bits=(3,))
+    assert suffix == whole
+    assert all(v > 0 for n in whole["layers"] for v in whole["activation"][n].values())
+
+
 def test_sensitivity_refuses_validation_and_test_images(fashion_mnist, fashion_mnist_model):
     info, _, val, test = fashion_mnist
     for split in (val, test):
