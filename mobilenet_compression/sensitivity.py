@@ -108,7 +108,7 @@ def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None):
         for name, layer in layers:  # ...switched on one at a time
             for _, other in layers:
                 other.weight_quant.enabled = other is layer
-            out["weight"].setdefault(name, {})[str(b)] = _kl(ref, _forward(wq, images))
+            out["weight"].setdefault(name, {})[str(b)] = _kl(ref, suffix(wq, name))
             if progress:
                 progress()
         aq = quantize_model(fp32, (32, b)).eval()
