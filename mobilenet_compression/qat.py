@@ -13,8 +13,10 @@ What QAT users expect, and what this does:
   will use;
 - SGD with momentum, cosine learning rate from `qat_lr` to 0, weight decay on the weights
   (the checkpoint's own) and none on the scales;
-- optional distillation from the FP32 model (`distill`): the loss is the KL divergence from
-  the FP32 model's softened outputs instead of the label cross-entropy;
+- distillation from the FP32 model (`distill`, on by default): the loss is the KL divergence
+  from the FP32 model's outputs instead of the label cross-entropy. On labels, LSQ's
+  8-bit step sizes drift (their updates are large next to the steps themselves): W8A8 QAT
+  lost 3.7 points on labels where distillation lost none (README);
 - the biases bias correction added (to convs that had none, right before a BatchNorm) are
   held fixed. A bias before a BatchNorm with frozen statistics moves the output by gamma /
   sigma times its change, and its gradient is scaled the same way, so SGD moved them far

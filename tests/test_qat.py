@@ -61,7 +61,8 @@ def test_qat_at_w2a4_beats_ptq_by_a_wide_margin(fashion_mnist_model, fashion_mni
     qmodel = ptq(fashion_mnist_model, fashion_mnist, 2, 4)
     with torch_threads(1):
         cost = train_qat(qmodel, train.head(QAT_IMAGES), info,
-                         qat_config(weight_bits=2, activation_bits=4, qat_epochs=1.0))
+                         qat_config(weight_bits=2, activation_bits=4, qat_epochs=1.0),
+                         teacher=fashion_mnist_model)  # distillation: the default
     qat_acc = evaluate(convert(qmodel), loader)
     assert cost["qat_images"] == QAT_IMAGES
     assert fp32_acc > 70, fp32_acc  # the precondition: a model clear of chance
