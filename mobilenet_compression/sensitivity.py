@@ -49,13 +49,20 @@ def _forward(model, images):
         return torch.cat([model(x) for x in images])
 
 
+def _head(model, h):
+    """The rest of torchvision's MobileNetV2.forward after `features`."""
+    h = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, (1, 1)), 1)
+    return model.classifier(h)
+
+
 class _Suffix:
     """Forward passes that start at the block of the one quantized layer.
 
     With one layer quantized and everything else FP32, every block before that layer's block
     computes what the FP32 model computes, so its output is taken from one FP32 pass (kept
-    per block) and only the rest of the network runs: the whole table 2.3 times faster at
-    width 1.0 (README), the same values bit for bit. Only for torchvision's MobileNetV2 layout (`features` blocks, average pool,
+    per block; the same pass gives the FP32 logits, `fp32_logits`) and only the rest of the
+    network runs: the whole table 2.3 times faster at width 1.0 (README), the same values
+    bit for bit. Only for torchvision's MobileNetV2 layout (`features` blocks, average pool,
     `classifier`); any other model, or a layer outside `features`, runs whole."""
 
     def __init__(self, fp32, images):
@@ -69,6 +76,9 @@ class _Suffix:
                 for block in features:
                     self.inputs.append(h)
                     h = block(h)
+                self.fp32_logits = _head(fp32, h)
+        else:
+            self.fp32_logits = _forward(fp32, images)
 
     def __call__(self, model, name):
         parts = name.split(".")
@@ -79,8 +89,7 @@ class _Suffix:
             h = self.inputs[k].clone()  # a layer may quantize its exclusive input in place
             for block in model.features[k:]:
                 h = block(h)
-            h = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, (1, 1)), 1)
-            return model.classifier(h)
+            return _head(model, h)
 
 
 def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None):
@@ -98,8 +107,8 @@ def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None):
             break
     images = [torch.cat(images)]  # one forward per measurement: fewer per-call overheads
     fp32.eval()
-    ref = torch.log_softmax(_forward(fp32, images).float(), 1)
     suffix = _Suffix(fp32, images)
+    ref = torch.log_softmax(suffix.fp32_logits.float(), 1)
     out = {"layers": None, "weight": {}, "activation": {}}
     for b in bits:
         wq = quantize_model(fp32, (b, 32)).eval()  # every layer's weights at b bits...
