@@ -109,6 +109,8 @@ class RunConfig:
     # default_rounding
     weight_rounding: str | None = None
     bias_correction: bool | str = "auto"  # on/off per run, by validation accuracy (README)
+    # the depthwise convs' input channels equalized before calibration (equalize.py)
+    equalize: bool = False
     qat_epochs: float = 1.0
     qat_lr: float = 0.01
     qat_batch_size: int = 128
@@ -165,6 +167,7 @@ class RunConfig:
                 raise UserError("--bias_correction must be true, false or auto, got "
                                 f"{v['bias_correction']!r}.") from None
         v["distill"] = parse_bool(v["distill"], "--distill")
+        v["equalize"] = parse_bool(v["equalize"], "--equalize")
         v["engine"] = _choice(v["engine"], ENGINES, "--engine")
         v["plan"] = _choice(v["plan"], PLANS, "--plan")
         given = [f for f in ("bitops_budget", "size_budget_mb") if v[f] not in (None, "")]
@@ -206,7 +209,7 @@ class RunConfig:
         """The parameters logged with a run (W&B config and runs.csv columns)."""
         keys = ["weight_bits", "activation_bits", "method", "calibration", "calib_batches",
                 "weight_method", "weight_granularity", "weight_rounding", "bias_correction",
-                "engine", "seed"]
+                "equalize", "engine", "seed"]
         if self.plan != "uniform":
             keys += ["plan"] + (["bitops_budget"] if self.bitops_budget else []) + (
                 ["size_budget_mb"] if self.size_budget_mb else [])

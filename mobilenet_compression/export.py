@@ -26,6 +26,9 @@ in_channels, dataset, input_size, method, checkpoint_sha256, ...; numbers writte
                (columns also named in "layer_columns"; null where that part stays FP32)
     batchnorm  [[module name, first column, channels], ...]
     fp32       [[state-dict name, offset, shape], ...]
+and, in a run with --equalize true, a fourth (equalize.py: the ReLU6 before each depthwise
+conv became a clamp to [0, max], its channels scaled into the stored BatchNorm and weights):
+    clamps     [[module name, max], ...]
 
 A layer's weights by hand (b = weight_bits, n = prod(weight_shape), o = packed_offset):
     bits  = np.unpackbits(weights_packed[o : o + ceil(n * b / 8)], bitorder="little")
@@ -49,6 +52,7 @@ import safetensors.numpy
 import torch
 from torch import nn
 
+from .equalize import clamp_table, restore_clamps
 from .errors import UserError
 from .files import atomic_write
 from .model import build_model
@@ -66,7 +70,8 @@ REBUILD_KEYS = {"arch": str, "num_classes": int, "width_multiplier": float, "in_
 LAYER_COLUMNS = ("name", "weight_bits", "activation_bits", "activation_signed", "weight_shape",
                  "packed_offset", "weight_scale_offset", "activation_scale_index")
 BN_ROWS = ("weight", "bias", "running_mean", "running_var")
-RESERVED = {"format", "weight_granularity", "layer_columns", "layers", "batchnorm", "fp32"}
+RESERVED = {"format", "weight_granularity", "layer_columns", "layers", "batchnorm", "fp32",
+            "clamps"}
 
 
 # ---------------------------------------------------------------------------- bit packing
@@ -219,6 +224,7 @@ def export_quantized(qmodel, path, metadata):
     rows, tensors = _layer_tensors(qmodel)
     tensors["batchnorm"], bn_table = _batchnorm_tensor(qmodel)
     tensors["fp32"], fp32_table = _fp32_tensor(qmodel)
+    clamps = clamp_table(qmodel)
     data = _sorted_metadata(safetensors.numpy.save(tensors, {
         "format": FORMAT,
         **{k: _text(k, v) for k, v in metadata.items()},
@@ -227,6 +233,7 @@ def export_quantized(qmodel, path, metadata):
         "layers": _json(rows),
         "batchnorm": _json(bn_table),
         "fp32": _json(fp32_table),
+        **({"clamps": _json(clamps)} if clamps else {}),
     }))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
@@ -338,6 +345,8 @@ def load_quantized(path):
     metadata, tensors = read_quantized(path)
     model = _build(path, metadata)
     try:
+        if "clamps" in metadata:
+            restore_clamps(model, _table(metadata, "clamps"))
         layers = [dict(zip(LAYER_COLUMNS, row)) for row in _table(metadata, "layers")]
         qmodel = quantize_model(model, {e["name"]: (e["weight_bits"], e["activation_bits"])
                                         for e in layers},

@@ -100,7 +100,7 @@ class _Graph:
         self.nodes, self.inits, self.names = [], [], {}
         self.q_outputs = []  # (name of a QuantizeLinear output, qmin, qmax)
         self.dq_of = {}  # float tensor -> DequantizeLinear output of its 8-bit grid
-        self.relu6_input = {}  # a ReLU6's output -> its input
+        self.relu6_input = {}  # a ReLU6's (or clamp's) output -> (its input, its max)
         self.output_scales = output_scales or {}
 
     def name(self, stem):
@@ -114,11 +114,13 @@ class _Graph:
         return name
 
     def prune(self):
-        """Drop nodes whose outputs nothing reads (a ReLU6 a quantizer made redundant)."""
+        """Drop nodes whose outputs nothing reads (a ReLU6 a quantizer made redundant), and
+        the initializers nothing reads then."""
         while True:
             read = {i for n in self.nodes for i in n.input} | {OUTPUT}
             kept = [n for n in self.nodes if any(o in read for o in n.output)]
             if len(kept) == len(self.nodes):
+                self.inits = [t for t in self.inits if t.name in read]  # their constants too
                 return
             self.nodes = kept
 
@@ -139,15 +141,18 @@ class _Graph:
     def quantize_input(self, x, quant, stem):
         """x -> QuantizeLinear -> [Clip to the b-bit codes] -> DequantizeLinear.
 
-        A ReLU6 right before an unsigned quantizer whose grid ends at or under 6 is skipped:
+        A ReLU6 (or equalize.py's clamp to [0, max]) right before an unsigned quantizer whose
+        grid ends at or under 6 (the max) is skipped:
         the codes saturate at 0 and at qmax anyway, so the conv before it stays fusable."""
         s = float(quant.scale)
         qmin, qmax = quant.qmin, quant.qmax
         zp = 128 if quant.signed else 0  # uint8 codes = our codes + zp
         lo, hi = qmin + zp, qmax + zp
         source = x
-        if x in self.relu6_input and not quant.signed and qmax * s <= 6.0:
-            x = self.relu6_input[x]
+        if x in self.relu6_input and not quant.signed:
+            x_in, top = self.relu6_input[x]
+            if qmax * s <= top * (1 + 1e-6):  # an ulp over still puts the max on code qmax
+                x = x_in
         scale = self.const(stem + ".act_scale", np.float32(s))
         zero = self.const(stem + ".act_zero", np.uint8(zp))
         q = self.node("QuantizeLinear", [x, scale, zero], stem + ".act_q")
@@ -256,10 +261,13 @@ class _Graph:
                 x_in, x = x, self.sequence(x, m, stem)
                 if stem in self.output_scales and x_in in self.dq_of:
                     x = self.requantize(x, stem)  # the last conv, read by the pooling
-            elif isinstance(m, nn.ReLU6):
-                x_in, x = x, self.node("Clip", [x, self.shared("zero", 0.0),
-                                                self.shared("six", 6.0)], stem)
-                self.relu6_input[x] = x_in
+            elif isinstance(m, nn.Hardtanh) and m.min_val == 0.0:
+                # ReLU6, or the clamp to [0, max] equalize.py puts before a depthwise conv
+                top = float(m.max_val)
+                high = (self.shared("six", 6.0) if top == 6.0
+                        else self.const(stem + ".max", np.float32(top)))
+                x_in, x = x, self.node("Clip", [x, self.shared("zero", 0.0), high], stem)
+                self.relu6_input[x] = (x_in, top)
             elif isinstance(m, nn.ReLU):
                 x = self.node("Relu", [x], stem)
             elif isinstance(m, (nn.Dropout, nn.Identity)):

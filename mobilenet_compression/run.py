@@ -6,7 +6,8 @@ The flow, each step a named function a reader can find:
     config  = RunConfig.from_dict(flags, or flags overridden by wandb.config)
     loaded  = load_model(checkpoint)                       FP32 model + its metadata
     data    = load_run_data(...)                           calibration/QAT and test images
-    qmodel  = quantize_model(...)                          prepare: swap layers
+    source  = equalize_depthwise_inputs(...) if asked      same FP32 function, even ranges
+    qmodel  = quantize_model(source, ...)                  prepare: swap layers
     calibrate(...); gptq(...) if asked                     PTQ: activation ranges, weight
     bias_correct(...) if asked                             rounding; bias (auto: kept if it
                                                            helps on validation images)
@@ -54,6 +55,7 @@ from .config import (
 from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
+from .equalize import equalize_depthwise_inputs
 from .export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
 from .precision import mean_bits
@@ -116,6 +118,10 @@ def get_args_parser():
                    help="empirical bias correction after calibration, on the calibration "
                         f"images; auto: keep it only if it raises accuracy on {AUTO_BC_IMAGES} "
                         "validation images, the ones train.py held out (default: %(default)s)")
+    p.add_argument("--equalize", default=str(d.equalize).lower(), metavar="{true,false}",
+                   help="before calibration, scale each depthwise conv's input channels to "
+                        "one range and its filters inversely (free for per-channel weights; "
+                        "equalize.py) (default: %(default)s)")
     p.add_argument("--qat_epochs", type=float, default=d.qat_epochs,
                    help="QAT: epochs over the training images, fractions allowed "
                         "(default: %(default)s)")
@@ -349,11 +355,17 @@ def quantize_and_measure(config, run, loaded, progress):
     progress.done["baseline_acc"] = baseline_acc
 
     progress.start("calibrate")
-    qmodel = quantize_model(fp32, plan,
-                            weight_granularity=config.weight_granularity,
-                            weight_method=config.weight_method)
     calib = train.head(config.calib_batches * config.calib_batch_size)
     calib_loader = BatchLoader(calib, info, config.calib_batch_size, channels_last=True)
+    # The FP32 network the quantized one is made from: with --equalize, the same function
+    # with each depthwise conv's input channels on one range (equalize.py). The baseline, and
+    # QAT's teacher, stay the checkpoint's own network.
+    source = fp32
+    if config.equalize:
+        source, _ = equalize_depthwise_inputs(fp32, calib_loader, config.calib_batches)
+    qmodel = quantize_model(source, plan,
+                            weight_granularity=config.weight_granularity,
+                            weight_method=config.weight_method)
     calibrate(qmodel, calib_loader, method=config.calibration,
               num_batches=config.calib_batches, seed=config.seed)
     if config.weight_rounding == "gptq":
@@ -364,14 +376,14 @@ def quantize_and_measure(config, run, loaded, progress):
     if config.bias_correction == "auto":
         val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
         qmodel, used, without, with_ = bias_correct_if_better(
-            qmodel, fp32, calib_loader, lambda m: evaluate(m, val_loader, fold=True),
+            qmodel, source, calib_loader, lambda m: evaluate(m, val_loader, fold=True),
             num_batches=config.calib_batches)
         chosen = {"bias_correction_used": used, "bias_correction_val_acc_without": without,
                   "bias_correction_val_acc_with": with_}
         print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
               f"{without:.2f}% without, on {len(val)} validation images)", flush=True)
     elif config.bias_correction:
-        bias_correct(qmodel, fp32, calib_loader, num_batches=config.calib_batches)
+        bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches)
     qat = {}
     if config.method == "qat":
         progress.start("qat")
