@@ -109,8 +109,9 @@ class RunConfig:
     # default_rounding
     weight_rounding: str | None = None
     bias_correction: bool | str = "auto"  # on/off per run, by validation accuracy (README)
-    # the depthwise convs' input channels equalized before calibration (equalize.py)
-    equalize: bool = False
+    # the depthwise convs' input channels equalized before calibration (equalize.py); on since
+    # the equalize sweeps on three checkpoints (README, "--equalize")
+    equalize: bool = True
     qat_epochs: float = 1.0
     qat_lr: float = 0.01
     qat_batch_size: int = 128

@@ -11,7 +11,10 @@ largest m_c) where it is produced, and its depthwise filter by 1 / a_c where it 
     becomes  BatchNorm x a -> clamp(0, R) -> [quantize] -> depthwise conv / a
 
 The FP32 network computes the same function on the calibration images (the clamp at R binds
-only beyond what they reach), every channel now fills the input grid, and the depthwise
+only beyond what they reach: there it cuts channel c at its calibration max m_c, in its own
+units, where ReLU6 cut at 6; the quantizer after it cuts at or under R anyway, so the
+quantized network is exactly the original one with a per-channel input grid), every channel
+now fills the input grid, and the depthwise
 conv pays nothing: its weights are quantized per output channel, which for a depthwise conv
 is per input channel, so the filter divided by a_c has the same integer codes, its scale
 divided by a_c (nearest rounding and GPTQ alike: GPTQ's per-channel Hessian scales by a_c^2).
@@ -19,7 +22,8 @@ This is SmoothQuant's migration of activation ranges into the next layer's weigh
 al. 2023) at the one place where it is free, the activation-range half of cross-layer
 equalization (Nagel et al. 2019) without its ReLU6 -> ReLU change. The producer's BatchNorm
 is FP32 (the stem's) or folded into the expansion conv's per-channel weight scale at export,
-so nothing else in the network changes. The new clamp's bound R is stored in the exported
+so nothing else in the network changes. On by default (`--equalize true`) since the equalize sweeps on three checkpoints (README).
+The new clamp's bound R is stored in the exported
 file (export.py) and is a Clip in the ONNX graph (onnx_export.py), left out, as ReLU6 is,
 where the quantizer after it saturates first.
 """

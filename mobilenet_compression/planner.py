@@ -56,17 +56,20 @@ def parse_budget(text, model, input_size):
     return budget
 
 
-def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction):
+def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction, equalize=False):
     """Bytes of the file export.py writes for this checkpoint at W8A8, prepared as run.py
-    prepares a run (calibrate, bias correction, convert), on 32 training images since only
-    the tensors' sizes matter, in a temporary folder that is removed afterwards."""
+    prepares a run ([equalize,] calibrate, bias correction, convert), on 32 training images
+    since only the tensors' sizes matter, in a temporary folder that is removed afterwards."""
     from .data import BatchLoader
+    from .equalize import equalize_depthwise_inputs
     from .export import export_quantized
     from .quantization import bias_correct, calibrate, convert, quantize_model
     from .run import file_digest
 
-    qmodel = quantize_model(fp32, (8, 8))
     loader = BatchLoader(train.head(32), info, 32, channels_last=True)
+    if equalize:  # its clamps' table is part of the file
+        fp32, _ = equalize_depthwise_inputs(fp32, loader, 1)
+    qmodel = quantize_model(fp32, (8, 8))
     calibrate(qmodel, loader, "minmax", 1)  # the values do not change the size, only where
     if bias_correction:                     # they lie: every layer's sign and scale count
         bias_correct(qmodel, fp32, loader, 1)
@@ -79,14 +82,15 @@ def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction):
             "method": "ptq", "checkpoint_sha256": file_digest(checkpoint)})
 
 
-def size_model(checkpoint, ckpt, fp32, train, info, bias_correction):
+def size_model(checkpoint, ckpt, fp32, train, info, bias_correction, equalize=False):
     """Fixed bytes of this checkpoint's exported file: a real W8A8 export (prepared as a run
     prepares one) minus its packed weights; a plan adds ceil(parameters x bits / 8) per layer."""
     from .precision import weight_layers
 
     names = set(quantized_layer_names(fp32))
     packed = sum(m.weight.numel() for n, m in weight_layers(fp32) if n in names)  # 8 bits
-    return reference_size(ckpt, fp32, checkpoint, train, info, bias_correction) - packed
+    return reference_size(ckpt, fp32, checkpoint, train, info, bias_correction,
+                          equalize) - packed
 
 
 def parse_size_budget(value, fixed, model):

@@ -489,12 +489,13 @@ def run_plan(config, ckpt, fp32, info, train):
         budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size)
     else:
         fixed = planner.size_model(config.checkpoint, ckpt, fp32, train, info,
-                                   config.bias_correction)
+                                   config.bias_correction, config.equalize)
         size = (fixed, planner.parse_size_budget(config.size_budget_mb, fixed, fp32))
     n = config.sensitivity_images  # 256 (the default) is the CLI's 2 x 128: the same cache
     batches, batch_size = (n // 128, 128) if n % 128 == 0 else (1, n)
     table, _ = sensitivity.sensitivity(config.checkpoint, config.data_dir, batches, batch_size,
-                                       rounding=config.weight_rounding)
+                                       rounding=config.weight_rounding,
+                                       equalize=config.equalize)
     plan = planner.sensitivity_plan(fp32, info.input_size, table, budget, size=size)
     return plan, budget, size and size[1]
 

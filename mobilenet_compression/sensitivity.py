@@ -178,17 +178,20 @@ def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None,
     return out
 
 
-def cache_key(checkpoint_sha256, batches, batch_size, bits, calibration, rounding="gptq"):
+def cache_key(checkpoint_sha256, batches, batch_size, bits, calibration, rounding="gptq",
+              equalize=False):
     text = json.dumps([VERSION, checkpoint_sha256, batches, batch_size, list(bits),
-                       calibration, rounding])
+                       calibration, rounding] + (["equalize"] if equalize else []))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
-                calibration="mse", cache_dir=None, verbose=True, rounding="gptq"):
+                calibration="mse", cache_dir=None, verbose=True, rounding="gptq",
+                equalize=True):
     """The sensitivity table of a checkpoint, from the cache when it holds it; `rounding`
     is the weight rounding of the runs it prices ("gptq", the post-training default, or
-    "nearest"). Returns (table, cached: bool)."""
+    "nearest"); with `equalize`, of the network equalize.py makes from it on the table's own
+    images, as runs with --equalize true quantize it. Returns (table, cached: bool)."""
     from filelock import FileLock
 
     from .data import BatchLoader, load_dataset
@@ -197,7 +200,7 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
     ckpt, fp32 = load_model(checkpoint)  # every way the checkpoint is wrong: a UserError
     digest = file_digest(checkpoint)
     cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, f"{cache_key(digest, batches, batch_size, bits, calibration, rounding)}"
+    path = os.path.join(cache_dir, f"{cache_key(digest, batches, batch_size, bits, calibration, rounding, equalize)}"
                                    ".json")
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -228,9 +231,14 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
                 print(f"sensitivity: {steps[0]}/{count} layer x bits measured "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
+        if equalize:
+            from .equalize import equalize_depthwise_inputs
+
+            fp32, _ = equalize_depthwise_inputs(fp32, loader, batches)
         table = measure(fp32, loader, batches, bits, calibration, tick, rounding)
         table.update(checkpoint=checkpoint, checkpoint_sha256=digest, images=batches *
                      batch_size, calibration=calibration, weight_rounding=rounding,
+                     equalize=equalize,
                      metric="mean KL(fp32 || quantized)",
                      seconds=time.perf_counter() - t0, macs=_macs(fp32, info.input_size))
         atomic_write(path, lambda f: f.write(json.dumps(table, indent=1).encode()))
@@ -304,6 +312,9 @@ def main(argv=None):
                    help="how the weights are rounded, as in the runs the table prices: "
                         "gptq (the post-training default) or nearest (QAT's default) "
                         "(default: gptq)")
+    p.add_argument("--equalize", default="true", metavar="{true,false}",
+                   help="price the network runs with --equalize true (the default) quantize "
+                        "(equalize.py), or the checkpoint's own (default: true)")
     p.add_argument("--heatmap", default=None, help="write the layer x bits heat map here (PNG)")
     p.add_argument("--cache_dir", default=None, help="cache folder (default: "
                    "$MOBILENET_COMPRESSION_CACHE/sensitivity or ~/.cache/...)")
@@ -312,12 +323,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1:
         raise UserError("--batches and --batch_size must be positive integers.")
+    from .config import parse_bool
+
+    equalize = parse_bool(args.equalize, "--equalize")
     threads.set_threads(args.threads)
     table, cached = sensitivity(args.checkpoint, args.data_dir, args.batches, args.batch_size,
-                                cache_dir=args.cache_dir, rounding=args.weight_rounding)
+                                cache_dir=args.cache_dir, rounding=args.weight_rounding,
+                                equalize=equalize)
     print(format_table(table))
     print(f"{len(table['layers'])} layers x {len(BITS)} bit widths x weights/activations on "
-          f"{table['images']} training images, {args.weight_rounding} weight rounding: "
+          f"{table['images']} training images, {args.weight_rounding} weight rounding"
+          f"{', equalized' if equalize else ''}: "
           + ("from the cache" if cached else f"measured in {table['seconds']:.0f} s"))
     if args.heatmap:
         heatmap(table, args.heatmap)

@@ -104,3 +104,26 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_equalized_table_prices_the_equalized_network_in_its_own_cache_entry(
+        tmp_path, small_checkpoint):  # noqa: F811
+    # Runs with --equalize true quantize the equalized network (equalize.py): its depthwise
+    # convs' inputs lose far less at low bits. (Its weight cases differ a little too: with a
+    # layer's weights quantized, a later channel may pass its calibration max, where the
+    # equalized network's clamp cuts it, as the runs' quantizers do.)
+    kw = dict(batches=1, batch_size=64, bits=(3,), cache_dir=str(tmp_path / "cache"),
+              verbose=False, rounding="nearest")
+    with torch_threads(1):
+        plain, _ = sens.sensitivity(str(small_checkpoint), equalize=False, **kw)
+        equalized, cached = sens.sensitivity(str(small_checkpoint), equalize=True, **kw)
+    assert cached is False and equalized["equalize"] and not plain["equalize"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    model = torch.load(small_checkpoint, weights_only=True)["model"]
+    depthwise = [n[:-len(".weight")] for n, t in model.items()
+                 if n.endswith(".weight") and t.dim() == 4 and t.shape[1] == 1
+                 and n != "features.0.0.weight"]  # the stem: one input channel, FP32
+    assert len(depthwise) == 17
+    kl = {k: sum(t["activation"][n]["3"] for n in depthwise[1:])  # the first: residual, kept
+          for k, t in (("plain", plain), ("equalized", equalized))}
+    assert kl["equalized"] < 0.8 * kl["plain"], kl
