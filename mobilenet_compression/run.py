@@ -155,7 +155,9 @@ def get_args_parser():
                    help="with --plan sensitivity: training images the per-layer sensitivities "
                         "are measured on (cached per checkpoint) (default: %(default)s)")
     p.add_argument("--max_eval_samples", type=int, default=None,
-                   help="evaluate on only the first N test images (default: all)")
+                   help="evaluate on only the first N test images, and make the "
+                        "--bias_correction auto choice on at most N validation images "
+                        "(default: all test images, 2000 validation images)")
     p.add_argument("--data_dir", default=None,
                    help="dataset folder (default: the one the checkpoint was trained from)")
     p.add_argument("--results_dir", default=None,
@@ -328,7 +330,9 @@ def load_run_data(config, ckpt, device):
     data_dir = config.data_dir or ckpt.get("args", {}).get("data_dir") or "./data"
     info, train, val, test = load_dataset(ckpt["dataset"], data_dir,
                                           ckpt.get("args", {}).get("val_size"))
-    return (info, train.to(device), val.head(AUTO_BC_IMAGES).to(device),
+    # A quick run (--max_eval_samples N) also chooses on at most N validation images.
+    val_images = min(AUTO_BC_IMAGES, config.max_eval_samples or AUTO_BC_IMAGES)
+    return (info, train.to(device), val.head(val_images).to(device),
             test.head(config.max_eval_samples).to(device))
 
 
