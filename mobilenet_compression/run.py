@@ -117,7 +117,8 @@ def get_args_parser():
                    metavar="{true,false,auto}",
                    help="empirical bias correction after calibration, on the calibration "
                         f"images; auto: keep it only if it raises accuracy on {AUTO_BC_IMAGES} "
-                        "validation images, the ones train.py held out (default: %(default)s)")
+                        "validation images (at most --max_eval_samples), the ones train.py "
+                        "held out (default: %(default)s)")
     p.add_argument("--equalize", default=str(d.equalize).lower(), metavar="{true,false}",
                    help="before calibration, scale each depthwise conv's input channels to "
                         "one range and its filters inversely (free for per-channel weights; "
