@@ -107,7 +107,9 @@ def equalize_depthwise_inputs(model, loader, num_batches):
         bn.weight.mul_(a)
         bn.bias.mul_(a)
         dw.weight.div_(a.view(-1, 1, 1, 1).to(dw.weight.dtype))
-        setattr(parent, child, nn.Hardtanh(0.0, r))
+        # in place, as torchvision's ReLU6 is: the same values, and on channels_last tensors
+        # an out-of-place Hardtanh is about 16 times slower (2 against 33 ms a call here)
+        setattr(parent, child, nn.Hardtanh(0.0, r, inplace=True))
         done.append((f"{names[id(parent)]}.{child}", r, a))
     return model, done
 
@@ -129,5 +131,5 @@ def restore_clamps(model, table):
             raise ValueError(f"the network has no module {name}") from None
         if not isinstance(old, nn.Hardtanh):
             raise ValueError(f"{name} is a {type(old).__name__}, not an activation")
-        setattr(model.get_submodule(parent), child, nn.Hardtanh(0.0, float(upper)))
+        setattr(model.get_submodule(parent), child, nn.Hardtanh(0.0, float(upper), inplace=True))
     return model
