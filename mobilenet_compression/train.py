@@ -177,6 +177,13 @@ def checkpoint_metadata(args, info):
     }
 
 
+def cpu_state(model):
+    """The model's weights on the CPU: a best.pt trained on a GPU then loads with a plain
+    torch.load on a machine without one (the optimizer state in last.pt may stay on the
+    device: only --resume reads it, through load_checkpoint's map_location)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def resolve_device(name):
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -309,7 +316,7 @@ def main(args):
             }
             if val_acc > best_val:
                 best_val = val_acc
-                ckpt_io.atomic_save({**meta, "model": model.state_dict(), "epoch": epoch + 1,
+                ckpt_io.atomic_save({**meta, "model": cpu_state(model), "epoch": epoch + 1,
                                      "train_acc": row["train_acc"], "val_acc": val_acc,
                                      "best_val_acc": best_val}, best_path)
             save_last(epoch + 1, 0)
