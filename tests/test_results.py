@@ -52,6 +52,30 @@ def test_committed_checkpoint_loads_and_names_its_recipe(folder, epochs, seed, m
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
 
 
+def test_the_width_1_checkpoint_trained_on_a_gpu_loads_here_and_names_its_recipe():
+    """results/fashion-mnist-w1.0-gpu/best.pt: trained on a lent H200 (benchmarks/gpu_width1.sh,
+    README). Its tensors were saved on the GPU, so this also checks that load_checkpoint maps
+    them to a machine without one. The run was stopped by the GPU session's wall-clock limit
+    in its last epoch: best.pt is epoch 23 of 24 and train.py never wrote its test accuracy,
+    which the committed grid measured instead (its FP32 baseline, on this CPU)."""
+    folder = "fashion-mnist-w1.0-gpu"
+    ckpt = load_checkpoint(str(REPO / "results" / folder / "best.pt"))
+    assert (ckpt["dataset"], ckpt["width_multiplier"], ckpt["seed"]) == ("fashion-mnist", 1.0, 42)
+    recipe = ckpt["args"]
+    assert (recipe["epochs"], recipe["batch_size"], recipe["lr"]) == (24, 128, 0.1)
+    assert (recipe["weight_decay"], recipe["label_smoothing"], recipe["augment"]) == (
+        5e-4, 0.1, "crop-flip")
+    assert recipe["max_train_samples"] is None
+    assert ckpt["epoch"] == 23 and "test_acc" not in ckpt
+    assert ckpt["val_acc"] == ckpt["best_val_acc"]
+    checkpoint, sweep_dir = _sweep_dir(folder, "grid-eq.yaml")
+    table = pd.read_csv(sweep_dir / "runs.csv")
+    assert len(table) == 25 and (table.status == "finished").all()
+    assert (table.eval_images == 10_000).all()
+    assert table.baseline_acc.nunique() == 1 and table.baseline_acc.iloc[0] >= 94.5
+    assert (table.checkpoint == str(checkpoint.relative_to(REPO))).all()
+
+
 def _sweep_dir(folder, yaml_name):
     """results/<folder>/<sweep id>/ of a yaml beside its checkpoint (the id hashes the yaml)."""
     strong = REPO / "results" / folder
