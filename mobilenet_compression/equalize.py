@@ -71,14 +71,13 @@ def depthwise_inputs(model):
 
 
 @torch.no_grad()
-def equalize_depthwise_inputs(model, loader, num_batches):
-    """A copy of the FP32 `model` with every depthwise conv's input channels equalized (the
-    module docstring says how), from `num_batches` batches of `loader` (training images: the
-    calibration images). Returns (model, [(activation module name, R, factors), ...])."""
+def depthwise_input_maxes(model, loader, num_batches):
+    """[per-channel max, ...] of every depthwise conv's input (`depthwise_inputs` order) over
+    `num_batches` batches of `loader` (training images: the calibration images). Depends on
+    nothing but the FP32 model and those images, so a sweep's runs can share it (fp32_stats)."""
     from .quantization import _training_batches
 
     total = _training_batches(loader, num_batches, "equalization")
-    model = copy.deepcopy(model)
     sites = depthwise_inputs(model)
     maxes, hooks = [None] * len(sites), []
     for i, (_, parent, child, _) in enumerate(sites):
@@ -97,6 +96,21 @@ def equalize_depthwise_inputs(model, loader, num_batches):
         for h in hooks:
             h.remove()
         model.train(was_training)
+    return maxes
+
+
+@torch.no_grad()
+def equalize_depthwise_inputs(model, loader, num_batches, maxes=None):
+    """A copy of the FP32 `model` with every depthwise conv's input channels equalized (the
+    module docstring says how), from `num_batches` batches of `loader` (training images: the
+    calibration images), or from `maxes` measured on them before (`depthwise_input_maxes`).
+    Returns (model, [(activation module name, R, factors), ...])."""
+    if maxes is None:
+        maxes = depthwise_input_maxes(model, loader, num_batches)
+    model = copy.deepcopy(model)
+    sites = depthwise_inputs(model)
+    if len(maxes) != len(sites):
+        raise ValueError(f"{len(maxes)} channel maxima for {len(sites)} depthwise inputs")
     names = {id(m): n for n, m in model.named_modules()}
     done = []
     for (bn, parent, child, dw), m in zip(sites, maxes):

@@ -607,8 +607,44 @@ def _channel_mean(outputs):
     return (total / count).float()
 
 
+def _calibration_batch(loader, num_batches, what):
+    total = _training_batches(loader, num_batches, what)
+    return torch.cat([x for x, _ in itertools.islice(iter(loader), total)])
+
+
 @torch.no_grad()
-def bias_correct(qmodel, fp32_model, loader, num_batches=None):
+def fp32_channel_means(fp32_model, loader, num_batches=None):
+    """{layer name: per-output-channel mean of its output} for every conv and linear layer
+    in `fp32_model.features`, over the calibration images as one batch: the targets
+    `bias_correct` moves the quantized layers' outputs to. They depend on nothing but the
+    FP32 model and those images, so a sweep's runs can share them (fp32_stats)."""
+    return _fp32_channel_means(fp32_model, _calibration_batch(loader, num_batches,
+                                                              "bias correction"))
+
+
+def _fp32_channel_means(fp32_model, x):
+    means, handles = {}, []
+    for i, block in enumerate(fp32_model.features):
+        for name, m in block.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                handles.append(m.register_forward_hook(
+                    lambda m, a, out, key=f"{i}.{name}": means.__setitem__(
+                        key, _channel_mean([out]))))
+    was_training = fp32_model.training
+    fp32_model.eval()
+    try:
+        xf = x.clone()
+        for block in fp32_model.features:
+            xf = block(xf)
+    finally:
+        for h in handles:
+            h.remove()
+        fp32_model.train(was_training)
+    return means
+
+
+@torch.no_grad()
+def bias_correct(qmodel, fp32_model, loader, num_batches=None, fp32_means=None):
     """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight
     Equalization and Bias Correction", section 4.2, the variant with data).
 
@@ -616,41 +652,32 @@ def bias_correct(qmodel, fp32_model, loader, num_batches=None):
     output - FP32 output) over the calibration images is subtracted through a bias on that
     layer (added if it has none; export.py stores it). "Quantized output" is the layer's
     output inside the quantized network with every earlier layer already corrected; "FP32
-    output" the same layer's output in the FP32 network. To stay in network order without
-    L full passes, the images are carried block by block (the model's `features`) as one
-    batch: each block runs once in each network, and a forward hook on each quantized layer
+    output" the same layer's output in the FP32 network (`fp32_channel_means`, or
+    `fp32_means` it returned before for the same model and images). To stay in network order
+    without L full passes, the images are carried block by block (the model's `features`)
+    as one batch: each block runs once, and a forward hook on each quantized layer
     measures its output's channel means, moves its bias and corrects the output it passes
     on, so the next layer in the block already reads the corrected one. Reads the same
     TRAINING batches as calibration; call after `calibrate`. Returns qmodel.
     """
-    total = _training_batches(loader, num_batches, "bias correction")
-    x = torch.cat([x for x, _ in itertools.islice(iter(loader), total)])
-    was_training = qmodel.training, fp32_model.training
+    x = _calibration_batch(loader, num_batches, "bias correction")
+    want = fp32_means if fp32_means is not None else _fp32_channel_means(fp32_model, x)
+    was_training = qmodel.training
     qmodel.eval()
-    fp32_model.eval()
     handles = []
+
+    def correct(layer, args, out, key):
+        delta = (_channel_mean([out]) - want[key]).to(out.dtype)
+        layer.add_bias().sub_(delta.to(layer.weight.dtype))
+        return out.sub_(delta.view(1, -1, *[1] * (out.dim() - 2)))
+
     try:
-        xq, xf = x, x.clone()
-        for bq, bf in zip(qmodel.features, fp32_model.features):
-            names = [n for n, m in bq.named_modules() if isinstance(m, QUANT_LAYERS)]
-            if not names:
-                xq, xf = bq(xq), bf(xf)
-                continue
-            fp_modules, want = dict(bf.named_modules()), {}
-            for name in names:
-                handles.append(fp_modules[name].register_forward_hook(
-                    lambda m, a, out, key=name: want.__setitem__(key, _channel_mean([out]))))
-            xf = bf(xf)
-
-            def correct(layer, args, out, key):
-                delta = (_channel_mean([out]) - want[key]).to(out.dtype)
-                layer.add_bias().sub_(delta.to(layer.weight.dtype))
-                return out.sub_(delta.view(1, -1, *[1] * (out.dim() - 2)))
-
+        xq = x
+        for i, bq in enumerate(qmodel.features):
             for name, layer in bq.named_modules():
                 if isinstance(layer, QUANT_LAYERS):
                     handles.append(layer.register_forward_hook(
-                        lambda m, a, out, key=name: correct(m, a, out, key)))
+                        lambda m, a, out, key=f"{i}.{name}": correct(m, a, out, key)))
             xq = bq(xq)
             for h in handles:
                 h.remove()
@@ -658,12 +685,12 @@ def bias_correct(qmodel, fp32_model, loader, num_batches=None):
     finally:
         for h in handles:
             h.remove()
-        qmodel.train(was_training[0])
-        fp32_model.train(was_training[1])
+        qmodel.train(was_training)
     return qmodel
 
 
-def bias_correct_if_better(qmodel, fp32_model, loader, score, num_batches=None):
+def bias_correct_if_better(qmodel, fp32_model, loader, score, num_batches=None,
+                           fp32_means=None):
     """`--bias_correction auto`: bias-correct a copy of `qmodel` (`bias_correct`, on the same
     TRAINING batches) and keep whichever of the two `score(model)` rates higher; a tie keeps
     the uncorrected one (its file has no added biases). At 4-bit activations the correction
@@ -672,7 +699,8 @@ def bias_correct_if_better(qmodel, fp32_model, loader, score, num_batches=None):
     split train.py kept out of training), never the calibration images or the test set.
     Returns (model, used, score_without, score_with).
     """
-    corrected = bias_correct(copy.deepcopy(qmodel), fp32_model, loader, num_batches)
+    corrected = bias_correct(copy.deepcopy(qmodel), fp32_model, loader, num_batches,
+                             fp32_means)
     without, with_ = score(qmodel), score(corrected)
     if with_ > without:
         return corrected, True, without, with_

@@ -41,7 +41,7 @@ import uuid
 import torch
 from filelock import FileLock
 
-from . import bitops, onnx_export, results, threads
+from . import bitops, fp32_stats, onnx_export, results, threads
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import (
     CALIBRATION_METHODS,
@@ -365,9 +365,17 @@ def quantize_and_measure(config, run, loaded, progress):
     # The FP32 network the quantized one is made from: with --equalize, the same function
     # with each depthwise conv's input channels on one range (equalize.py). The baseline, and
     # QAT's teacher, stay the checkpoint's own network.
+    # What the FP32 network does on these images is the same in every run of a sweep:
+    # measured once per checkpoint and read back by the others (fp32_stats).
+    stats_key = (checkpoint_sha256, config.calib_batches, config.calib_batch_size, device.type)
     source = fp32
     if config.equalize:
-        source, _ = equalize_depthwise_inputs(fp32, calib_loader, config.calib_batches)
+        maxes = fp32_stats.depthwise_maxes(fp32, calib_loader, config.calib_batches, stats_key)
+        source, _ = equalize_depthwise_inputs(fp32, calib_loader, config.calib_batches, maxes)
+    means = None
+    if config.bias_correction:  # True or "auto"
+        means = fp32_stats.channel_means(source, calib_loader, config.calib_batches,
+                                         stats_key, config.equalize)
     qmodel = quantize_model(source, plan,
                             weight_granularity=config.weight_granularity,
                             weight_method=config.weight_method)
@@ -382,13 +390,14 @@ def quantize_and_measure(config, run, loaded, progress):
         val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
         qmodel, used, without, with_ = bias_correct_if_better(
             qmodel, source, calib_loader, lambda m: evaluate(m, val_loader, fold=True),
-            num_batches=config.calib_batches)
+            num_batches=config.calib_batches, fp32_means=means)
         chosen = {"bias_correction_used": used, "bias_correction_val_acc_without": without,
                   "bias_correction_val_acc_with": with_}
         print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
               f"{without:.2f}% without, on {len(val)} validation images)", flush=True)
     elif config.bias_correction:
-        bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches)
+        bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches,
+                     fp32_means=means)
     qat = {}
     if config.method == "qat":
         progress.start("qat")
