@@ -99,7 +99,8 @@ def main():
     torch.set_num_threads(args.threads)
     info, train, _, test = load_dataset("fashion-mnist", args.data_dir)
     if args.checkpoint:
-        fp32 = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
+        ckpt = load_checkpoint(args.checkpoint)
+        fp32 = model_from_checkpoint(ckpt, args.checkpoint)
     else:
         torch.manual_seed(0)
         fp32 = build_model("cifar", 10, args.width, info.in_channels)
@@ -127,7 +128,8 @@ def main():
             for name, sess in sessions.items():
                 speeds[name].append(ox.throughput(sess, batch, args.batch_size, args.repeats))
         base = statistics.median(speeds["ONNX Runtime FP32"])
-        width = args.width if not args.checkpoint else "checkpoint"
+        width = (f"{ckpt['width_multiplier']:g} ({args.checkpoint})" if args.checkpoint
+                 else f"{args.width:g} (random weights)")
         print(f"width {width}, batch {args.batch_size}, {args.threads} threads, images/s "
               f"(median of 3 rounds x {args.repeats} passes), ratio to ONNX Runtime FP32:")
         for name, values in speeds.items():
