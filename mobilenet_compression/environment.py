@@ -18,6 +18,13 @@ CACHE = "~/.cache/mobilenet-compression"
 OWN_PACKAGES = {"mobilenet_compression", "tests"}
 
 
+def cache_folder(name):
+    """A folder of the project's caches (the sensitivity tables, the FP32 statistics):
+    under $MOBILENET_COMPRESSION_CACHE when set, else beside the virtualenvs."""
+    return os.path.join(os.environ.get("MOBILENET_COMPRESSION_CACHE")
+                        or os.path.expanduser(CACHE), name)
+
+
 def venv_path():
     """The virtualenv `make setup` builds for this checkout's requirements.txt."""
     digest = hashlib.sha256((REPO / "requirements.txt").read_bytes()).hexdigest()[:16]

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 
+from .environment import cache_folder
 from .errors import UserError
 from .files import atomic_write
 
@@ -23,8 +24,7 @@ VERSION = 1  # part of the key: bump when what is measured changes
 
 
 def cache_dir():
-    return os.path.join(os.environ.get("MOBILENET_COMPRESSION_CACHE")
-                        or os.path.expanduser("~/.cache/mobilenet-compression"), "fp32-stats")
+    return cache_folder("fp32-stats")
 
 
 def cache_path(kind, checkpoint_sha256, batches, batch_size, device_type, equalized):

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from .environment import cache_folder
 from .errors import ArgumentParser, UserError, cli
 from .files import atomic_write
 
@@ -41,8 +42,7 @@ VERSION = 2  # part of the cache key: bump when the measurement changes
 
 
 def default_cache_dir():
-    return os.path.join(os.environ.get("MOBILENET_COMPRESSION_CACHE")
-                        or os.path.expanduser("~/.cache/mobilenet-compression"), "sensitivity")
+    return cache_folder("sensitivity")
 
 
 def _kl(ref_logp, logits):
