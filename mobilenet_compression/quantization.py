@@ -70,7 +70,7 @@ from .precision import (  # noqa: F401  (check_bits and uniform_plan are re-expo
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_METHODS = ("minmax", "mse")
-CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+CALIBRATION_METHODS = ("minmax", "percentile", "mse", "loss")
 PERCENTILE = 99.99
 # Candidate clipping ratios for the MSE searches: 1% steps of the observed absmax.
 MSE_RATIOS = torch.linspace(0.01, 1.0, 100)
@@ -269,6 +269,7 @@ class ActQuantizer(_LearnableScale, nn.Module):
         self.calibrated = False
         self.signed = True
         self.register_buffer("scale", torch.ones(1))
+        self.absmax = math.inf  # the largest |x| calibration saw (bounds clip_search's clips)
         self._reset_stats()
 
     @property
@@ -319,6 +320,7 @@ class ActQuantizer(_LearnableScale, nn.Module):
             raise RuntimeError("an activation quantizer saw no data during calibration")
         signed = self.min_val < 0
         absmax = max(abs(self.min_val), abs(self.max_val))
+        self.absmax = absmax
         clip = absmax
         if method != "minmax" and self._samples:
             sample = torch.cat(self._samples)
@@ -555,7 +557,7 @@ def _training_batches(loader, num_batches, what):
     return total
 
 
-def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
+def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0, fp32_model=None):
     """Set every activation quantizer's scale and signedness from training images.
 
     loader: a data.BatchLoader over the TRAIN split (anything with `.split.name == "train"`
@@ -564,9 +566,13 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
     eval mode with activations unquantized and weights quantized, recording each quantized
     layer's input: its min/max (minmax; also decides signedness), and a seeded random sample
     of its values for `percentile` (the 99.99th percentile of |x|) and `mse` (the clip r*absmax
-    with the smallest squared error on the sample). Returns qmodel.
+    with the smallest squared error on the sample). `loss`: `mse`, then each clip moved to
+    where the network's output is closest to `fp32_model`'s (clip_search.py; required for
+    it). Returns qmodel.
     """
     _check_choice(method, CALIBRATION_METHODS, "--calibration")
+    if method == "loss" and fp32_model is None:
+        raise ValueError("calibrate(method='loss') needs the FP32 model (fp32_model=...)")
     total = _training_batches(loader, num_batches, "calibration")
     quantizers = _act_quantizers(qmodel)
     per_batch = 0 if method == "minmax" else max(1024, ACT_SAMPLE_SIZE // total)
@@ -583,7 +589,7 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
                 if seen >= total:
                     break
         for q in quantizers:
-            q.finish_observing(method)
+            q.finish_observing("mse" if method == "loss" else method)
     except BaseException:
         for q in quantizers:
             q._reset_stats()
@@ -591,6 +597,10 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
         raise
     finally:
         qmodel.train(was_training)
+    if method == "loss":
+        from .clip_search import search_clips
+
+        search_clips(qmodel, fp32_model, loader)
     return qmodel
 
 

@@ -1,0 +1,80 @@
+"""Loss-aware activation clips (`--calibration loss`, clip_search.py) on the small model
+trained on the real Fashion-MNIST."""
+
+import copy
+
+import pytest
+import torch
+
+from mobilenet_compression import clip_search
+from mobilenet_compression.data import BatchLoader
+from mobilenet_compression.errors import UserError
+from mobilenet_compression.quantization import (_act_quantizers, calibrate, quant_layers,
+                                                quantize_model)
+
+from .conftest import torch_threads
+
+
+def _loader(fashion_mnist, n=256, batch=128):
+    info, train, _, _ = fashion_mnist
+    return BatchLoader(train.head(n), info, batch)
+
+
+def _kl_on(qmodel, fp32, x):
+    with torch.inference_mode():
+        ref = torch.log_softmax(fp32(x), 1)
+        return clip_search._kl(ref, qmodel(x))
+
+
+def _clips(qmodel):
+    return [float(q.scale) * q.qmax for q in _act_quantizers(qmodel)]
+
+
+def test_the_search_never_moves_the_network_further_from_fp32(fashion_mnist,
+                                                               fashion_mnist_model):
+    """Each quantizer keeps its clip unless a candidate brings the outputs closer to FP32's
+    on the search images, so the KL after the search is at most the `mse` one; at 3 bits it
+    moves clips and the KL falls."""
+    loader = _loader(fashion_mnist)
+    x = next(iter(loader))[0]
+    with torch_threads(1):
+        q = calibrate(quantize_model(fashion_mnist_model, (8, 3)), loader, "mse", 2)
+        before, clips = _kl_on(q, fashion_mnist_model, x), _clips(q)
+        changes = clip_search.search_clips(q, fashion_mnist_model, loader, num_batches=1)
+        after = _kl_on(q, fashion_mnist_model, x)
+    assert [n for n, _, _ in changes] == [n for n, m in quant_layers(q)
+                                          if m.input_quant.enabled]
+    assert [old for _, old, _ in changes] == pytest.approx(clips)
+    assert _clips(q) == pytest.approx([new for _, _, new in changes])
+    assert any(new != pytest.approx(old) for _, old, new in changes)
+    assert after < before
+    # never beyond the range calibration saw
+    assert all(c <= q_.absmax * (1 + 1e-6) for c, q_ in zip(_clips(q), _act_quantizers(q)))
+
+
+def test_starting_at_each_block_chooses_what_whole_network_passes_choose(
+        fashion_mnist, fashion_mnist_model, monkeypatch):
+    """The block-suffix shortcut (blocks before a quantizer's block run once per block) is an
+    optimisation only: the same clips as running the whole network for every candidate."""
+    loader = _loader(fashion_mnist, 64, 64)
+    q = calibrate(quantize_model(fashion_mnist_model, (4, 3)), loader, "mse", 1)
+    models = [q, copy.deepcopy(q)]
+    search = dict(num_batches=1, factors=(2 ** -0.5, 1.0, 2 ** 0.5), fine=())
+    with torch_threads(1):
+        fast = clip_search.search_clips(models[0], fashion_mnist_model, loader, **search)
+        monkeypatch.setattr(clip_search, "_block_of", lambda name: None)
+        whole = clip_search.search_clips(models[1], fashion_mnist_model, loader, **search)
+    assert any(new != pytest.approx(old) for _, old, new in fast)
+    assert [new for _, _, new in fast] == pytest.approx([new for _, _, new in whole], rel=1e-6)
+    assert _clips(models[0]) == pytest.approx(_clips(models[1]), rel=1e-6)
+
+
+def test_loss_calibration_needs_the_fp32_model_and_training_images(fashion_mnist,
+                                                                   fashion_mnist_model):
+    info, _, _, test = fashion_mnist
+    q = quantize_model(fashion_mnist_model, (8, 4))
+    with pytest.raises(ValueError, match="needs the FP32 model"):
+        calibrate(q, _loader(fashion_mnist), "loss", 1)
+    calibrate(q, _loader(fashion_mnist), "mse", 1)
+    with pytest.raises(UserError, match="training images"):
+        clip_search.search_clips(q, fashion_mnist_model, BatchLoader(test.head(128), info, 128))
