@@ -16,8 +16,8 @@ import sys
 
 import pandas as pd
 
-STAGES = ["startup", "wandb_init", "load", "baseline", "calibrate", "round", "qat", "eval",
-          "export", "onnx", "log", "wandb_finish"]
+STAGES = ["startup", "wandb_init", "load", "baseline", "calibrate", "round", "clip_search",
+          "qat", "eval", "export", "onnx", "log", "wandb_finish"]
 
 
 def main():

@@ -49,8 +49,8 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
                  fine=FINE, progress=None):
     """Move every calibrated activation clip of `qmodel` to the candidate with the smallest
     KL(fp32 || quantized) on the first `num_batches` batches of `loader` (a BatchLoader over
-    the TRAIN split; anything else is a UserError). Call after `calibrate`. Returns a list of
-    (layer name, old clip, new clip)."""
+    the TRAIN split; anything else is a UserError). Call after `calibrate`. Returns
+    {"changes": [(layer name, old clip, new clip)], "kl_before": ..., "kl_after": ...}."""
     total = _training_batches(loader, num_batches, "the clip search")
     images = []
     for x, _ in loader:
@@ -68,7 +68,7 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
         layers = [(n, m) for n, m in quant_layers(qmodel) if id(m.input_quant) in enabled]
         blocked = hasattr(qmodel, "features") and hasattr(qmodel, "classifier") and \
             all(_block_of(n) is not None for n, _ in layers)
-        changes = []
+        changes, kl_before, kl = [], None, None
         h, at = x, 0  # the quantized network's input to block `at`
         for name, layer in layers:
             q = layer.input_quant
@@ -104,8 +104,10 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
             best = min(tried, key=tried.get)
             q.set_qparams(clip=best, signed=q.signed)
             changes.append((name, old, best))
+            kl_before = tried[old] if kl_before is None else kl_before
+            kl = tried[best]
             if progress:
                 progress()
-        return changes
+        return {"changes": changes, "kl_before": kl_before, "kl_after": kl}
     finally:
         qmodel.train(was_training)

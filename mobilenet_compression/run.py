@@ -101,7 +101,7 @@ def get_args_parser():
                    help="activation range calibration: absmax, 99.99th percentile, least "
                         "squared error per input, or mse then each clip moved to where the "
                         "network's output is closest to FP32's (clip_search.py) "
-                        "(default: %(default)s)")
+                        "(default: loss with 3-bit activations, else mse)")
     p.add_argument("--calib_batches", type=int, default=d.calib_batches,
                    help="calibration batches of training images (default: %(default)s)")
     p.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size,
@@ -394,7 +394,13 @@ def quantize_and_measure(config, run, loaded, progress):
         gptq(qmodel, calib_loader)
         progress.start("calibrate")  # bias correction is timed with calibration
     if config.calibration == "loss":
-        search_clips(qmodel, source, calib_loader)
+        progress.start("clip_search")
+        found = search_clips(qmodel, source, calib_loader)
+        progress.start("calibrate")
+        moved = sum(new != old for _, old, new in found["changes"])
+        print(f"clip search: {moved} of {len(found['changes'])} activation clips moved; "
+              f"KL(FP32 || quantized) on its images {found['kl_before']:.4f} -> "
+              f"{found['kl_after']:.4f}", flush=True)
     chosen = {}
     if config.bias_correction == "auto":
         val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)

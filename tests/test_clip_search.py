@@ -13,6 +13,7 @@ from mobilenet_compression.quantization import (_act_quantizers, calibrate, quan
                                                 quantize_model)
 
 from .conftest import torch_threads
+from .test_qat import QUICK, small_checkpoint, sweep_py  # noqa: F401  (a fixture)
 
 
 def _loader(fashion_mnist, n=256, batch=128):
@@ -40,8 +41,11 @@ def test_the_search_never_moves_the_network_further_from_fp32(fashion_mnist,
     with torch_threads(1):
         q = calibrate(quantize_model(fashion_mnist_model, (8, 3)), loader, "mse", 2)
         before, clips = _kl_on(q, fashion_mnist_model, x), _clips(q)
-        changes = clip_search.search_clips(q, fashion_mnist_model, loader, num_batches=1)
+        found = clip_search.search_clips(q, fashion_mnist_model, loader, num_batches=1)
         after = _kl_on(q, fashion_mnist_model, x)
+    changes = found["changes"]
+    assert found["kl_before"] == pytest.approx(before, rel=1e-4)
+    assert found["kl_after"] == pytest.approx(after, rel=1e-4)
     assert [n for n, _, _ in changes] == [n for n, m in quant_layers(q)
                                           if m.input_quant.enabled]
     assert [old for _, old, _ in changes] == pytest.approx(clips)
@@ -61,9 +65,11 @@ def test_starting_at_each_block_chooses_what_whole_network_passes_choose(
     models = [q, copy.deepcopy(q)]
     search = dict(num_batches=1, factors=(2 ** -0.5, 1.0, 2 ** 0.5), fine=())
     with torch_threads(1):
-        fast = clip_search.search_clips(models[0], fashion_mnist_model, loader, **search)
+        fast = clip_search.search_clips(models[0], fashion_mnist_model, loader,
+                                        **search)["changes"]
         monkeypatch.setattr(clip_search, "_block_of", lambda name: None)
-        whole = clip_search.search_clips(models[1], fashion_mnist_model, loader, **search)
+        whole = clip_search.search_clips(models[1], fashion_mnist_model, loader,
+                                         **search)["changes"]
     assert any(new != pytest.approx(old) for _, old, new in fast)
     assert [new for _, _, new in fast] == pytest.approx([new for _, _, new in whole], rel=1e-6)
     assert _clips(models[0]) == pytest.approx(_clips(models[1]), rel=1e-6)
@@ -78,3 +84,29 @@ def test_loss_calibration_needs_the_fp32_model_and_training_images(fashion_mnist
     calibrate(q, _loader(fashion_mnist), "mse", 1)
     with pytest.raises(UserError, match="training images"):
         clip_search.search_clips(q, fashion_mnist_model, BatchLoader(test.head(128), info, 128))
+
+
+def test_loss_is_the_default_at_3_bit_activations_only():
+    """The per-bit-width default (config.default_calibration); a given method is kept."""
+    from mobilenet_compression.config import RunConfig
+
+    assert {a: RunConfig.from_dict({"activation_bits": a}).calibration
+            for a in (8, 6, 4, 3, 2, 32)} == {8: "mse", 6: "mse", 4: "mse", 3: "loss",
+                                               2: "mse", 32: "mse"}
+    assert RunConfig.from_dict({"activation_bits": 3, "calibration": "mse"}).calibration == "mse"
+    assert RunConfig.from_dict({"activation_bits": 8, "calibration": "loss"}).calibration == \
+        "loss"
+
+
+def test_a_3_bit_run_searches_its_clips_by_default(tmp_path, small_checkpoint):  # noqa: F811
+    """The real command line: a W8A3 run without --calibration searches (and says so), and
+    runs.csv names the method it used."""
+    import pandas as pd
+
+    r = sweep_py(["--checkpoint", str(small_checkpoint), "--weight_bits", "8",
+                  "--activation_bits", "3", "--results_dir", str(tmp_path / "res"),
+                  "--wandb_mode", "disabled", *QUICK], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "activation clips moved; KL(FP32 || quantized) on its images" in r.stdout
+    row = pd.read_csv(tmp_path / "res" / "runs" / "runs.csv").iloc[0]
+    assert row["calibration"] == "loss" and row["status"] == "finished"
