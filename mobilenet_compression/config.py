@@ -95,12 +95,13 @@ def default_rounding(method):
 
 
 def default_calibration(activation_bits):
-    """--calibration when not given: `loss` (clip_search.py) for 3-bit activations, where
-    each input's own least squared error chose clips that broke the network (W8A3 31.15%
-    mean over three 30-epoch seeds with `mse`, 85.26% with `loss`), and `mse` elsewhere: at
-    4 bits the two tied on those seeds (mean differences -0.22 to +0.41 point a cell, either
-    sign) and at 2 bits both are at chance, so the search's time buys nothing (README)."""
-    return "loss" if activation_bits == 3 else "mse"
+    """--calibration when not given: `loss` (clip_search.py) for activations of 3 bits or
+    fewer, where each input's own least squared error chose clips that broke the network
+    (W8A3 31.15% mean over three 30-epoch seeds with `mse`, 85.26% with `loss`; W8A2 38.49%
+    against 75.96% on the width-1.0 checkpoint), and `mse` at 4 bits and more, where the two
+    tied on those seeds (mean differences -0.22 to +0.41 point a cell, either sign), so the
+    search's time would buy nothing (README)."""
+    return "loss" if activation_bits <= 3 else "mse"
 
 
 @dataclass(frozen=True)

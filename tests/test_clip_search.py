@@ -86,13 +86,13 @@ def test_loss_calibration_needs_the_fp32_model_and_training_images(fashion_mnist
         clip_search.search_clips(q, fashion_mnist_model, BatchLoader(test.head(128), info, 128))
 
 
-def test_loss_is_the_default_at_3_bit_activations_only():
+def test_loss_is_the_default_at_3_bit_activations_and_fewer():
     """The per-bit-width default (config.default_calibration); a given method is kept."""
     from mobilenet_compression.config import RunConfig
 
     assert {a: RunConfig.from_dict({"activation_bits": a}).calibration
             for a in (8, 6, 4, 3, 2, 32)} == {8: "mse", 6: "mse", 4: "mse", 3: "loss",
-                                               2: "mse", 32: "mse"}
+                                               2: "loss", 32: "mse"}
     assert RunConfig.from_dict({"activation_bits": 3, "calibration": "mse"}).calibration == "mse"
     assert RunConfig.from_dict({"activation_bits": 8, "calibration": "loss"}).calibration == \
         "loss"
