@@ -21,22 +21,13 @@ MobileNetV2 layout; any other model runs whole).
 import torch
 
 from .quantization import _act_quantizers, _training_batches, quant_layers
+from .sensitivity import _head, _kl  # the sensitivity table's measure and model tail
 
 # Candidate clips: the current one times these factors (half-octave steps, 0.5x to 2x), then
 # the best of them times FINE (quarter-octave neighbours).
 FACTORS = tuple(2.0 ** (k / 2) for k in range(-2, 3))
 FINE = (2.0 ** -0.25, 2.0 ** 0.25)
 SEARCH_BATCHES = 1  # calibration batches (of --calib_batch_size images) the KL is taken on
-
-
-def _kl(ref_logp, logits):
-    logp = torch.log_softmax(logits.float(), 1)
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(1).mean())
-
-
-def _head(model, h):
-    h = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, (1, 1)), 1)
-    return model.classifier(h)
 
 
 def _block_of(name):
