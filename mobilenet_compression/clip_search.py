@@ -20,7 +20,7 @@ MobileNetV2 layout; any other model runs whole).
 
 import torch
 
-from .quantization import _act_quantizers, _training_batches, quant_layers
+from .quantization import _act_quantizers, _calibration_batch, quant_layers
 from .sensitivity import _head, _kl  # the sensitivity table's measure and model tail
 
 # Candidate clips: the current one times these factors (half-octave steps, 0.5x to 2x), then
@@ -42,13 +42,7 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
     KL(fp32 || quantized) on the first `num_batches` batches of `loader` (a BatchLoader over
     the TRAIN split; anything else is a UserError). Call after `calibrate`. Returns
     {"changes": [(layer name, old clip, new clip)], "kl_before": ..., "kl_after": ...}."""
-    total = _training_batches(loader, num_batches, "the clip search")
-    images = []
-    for x, _ in loader:
-        images.append(x)
-        if len(images) >= total:
-            break
-    x = torch.cat(images)
+    x = _calibration_batch(loader, num_batches, "the clip search")
     was_training = qmodel.training
     qmodel.eval()
     fp32_model.eval()
