@@ -2,20 +2,22 @@
 
 `mse` calibration picks each input quantizer's clip from that input alone: the clip with
 the least squared error on a sample of its values. At 3 bits that objective misleads: on the
-93.65% width-0.35 checkpoint, W8A3 lost 74 points where W4A3 lost 33, and copying W4A3's
+93.65% width-0.35 checkpoint, W8A3 lost 74 points where W4A3 lost 19, and copying W4A3's
 activation scales into the W8A3 model gave it back 46 of them (README); the two models'
 `mse` clips differed by up to 75% in the last blocks. A layer's squared input error is not
 what the network loses.
 
 Here every clip starts from `mse` and is then moved, one quantizer at a time in network
-order, to the candidate (the current clip times 2^(k/4), k = -4..4, never above the observed
-absmax) whose quantized network is closest to the FP32 one: the mean KL(p_fp32 || p_quant)
-of the softmax outputs, the sensitivity table's measure, on the first `batches` calibration
-batches (training images only). All other quantizers stay as they are, weights quantized, so
-each choice sees the error of every earlier choice (coordinate descent, one pass). A
-quantizer in block k changes nothing before block k, so the network's state at block k's
-input is computed once per block and only blocks k.. run per candidate (torchvision's
-MobileNetV2 layout; any other model runs whole).
+order, to the candidate whose quantized network is closest to the FP32 one: the mean
+KL(p_fp32 || p_quant) of the softmax outputs, the sensitivity table's measure, on the first
+`num_batches` calibration batches (training images only; one batch of 128 in a run). The
+candidates: the current clip times 2^(k/2), k = -2..2, then the best of those times
+2^(+-1/4), never above the observed absmax. All other quantizers stay as they are, weights
+quantized (run.py searches after GPTQ, once the weights are final), so each choice sees the
+error of every earlier choice (coordinate descent, one pass). A quantizer in block k changes
+nothing before block k, so the network's state at block k's input is computed once per
+block and only blocks k.. run per candidate (torchvision's MobileNetV2 layout; any other
+model runs whole).
 """
 
 import torch
