@@ -44,6 +44,7 @@ from filelock import FileLock
 
 from . import bitops, fp32_stats, onnx_export, results, threads
 from .checkpoint import load_checkpoint, model_from_checkpoint
+from .clip_search import search_clips
 from .config import (
     CALIBRATION_METHODS,
     ENGINES,
@@ -56,7 +57,6 @@ from .config import (
 from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
-from .clip_search import search_clips
 from .equalize import equalize_depthwise_inputs
 from .export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
