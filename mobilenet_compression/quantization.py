@@ -557,7 +557,7 @@ def _training_batches(loader, num_batches, what):
     return total
 
 
-def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0, fp32_model=None):
+def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
     """Set every activation quantizer's scale and signedness from training images.
 
     loader: a data.BatchLoader over the TRAIN split (anything with `.split.name == "train"`
@@ -566,13 +566,14 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0, fp32_mo
     eval mode with activations unquantized and weights quantized, recording each quantized
     layer's input: its min/max (minmax; also decides signedness), and a seeded random sample
     of its values for `percentile` (the 99.99th percentile of |x|) and `mse` (the clip r*absmax
-    with the smallest squared error on the sample). `loss`: `mse`, then each clip moved to
-    where the network's output is closest to `fp32_model`'s (clip_search.py; required for
-    it). Returns qmodel.
+    with the smallest squared error on the sample). `loss` is not a per-input method: calibrate
+    with `mse`, round the weights, then `clip_search.search_clips_if_better` (run.py's order).
+    Returns qmodel.
     """
     _check_choice(method, CALIBRATION_METHODS, "--calibration")
-    if method == "loss" and fp32_model is None:
-        raise ValueError("calibrate(method='loss') needs the FP32 model (fp32_model=...)")
+    if method == "loss":
+        raise ValueError("calibrate(method='loss'): calibrate with 'mse', then move the clips "
+                         "with clip_search.search_clips_if_better (as run.py does)")
     total = _training_batches(loader, num_batches, "calibration")
     quantizers = _act_quantizers(qmodel)
     per_batch = 0 if method == "minmax" else max(1024, ACT_SAMPLE_SIZE // total)
@@ -589,7 +590,7 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0, fp32_mo
                 if seen >= total:
                     break
         for q in quantizers:
-            q.finish_observing("mse" if method == "loss" else method)
+            q.finish_observing(method)
     except BaseException:
         for q in quantizers:
             q._reset_stats()
@@ -597,10 +598,6 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0, fp32_mo
         raise
     finally:
         qmodel.train(was_training)
-    if method == "loss":
-        from .clip_search import search_clips
-
-        search_clips(qmodel, fp32_model, loader)
     return qmodel
 
 
@@ -700,18 +697,20 @@ def bias_correct(qmodel, fp32_model, loader, num_batches=None, fp32_means=None):
 
 
 def bias_correct_if_better(qmodel, fp32_model, loader, score, num_batches=None,
-                           fp32_means=None):
+                           fp32_means=None, score_without=None):
     """`--bias_correction auto`: bias-correct a copy of `qmodel` (`bias_correct`, on the same
     TRAINING batches) and keep whichever of the two `score(model)` rates higher; a tie keeps
     the uncorrected one (its file has no added biases). At 4-bit activations the correction
     moved the same cell by -9 to +12 points from one checkpoint to the next (README), so the
     choice is measured per run. `score` must read held-out images (run.py: the validation
     split train.py kept out of training), never the calibration images or the test set.
-    Returns (model, used, score_without, score_with).
+    `score_without`: `score(qmodel)` when the caller already has it (run.py, after the clip
+    search's own held-out choice). Returns (model, used, score_without, score_with).
     """
     corrected = bias_correct(copy.deepcopy(qmodel), fp32_model, loader, num_batches,
                              fp32_means)
-    without, with_ = score(qmodel), score(corrected)
+    without = score(qmodel) if score_without is None else score_without
+    with_ = score(corrected)
     if with_ > without:
         return corrected, True, without, with_
     return qmodel, False, without, with_

@@ -9,9 +9,10 @@ The flow, each step a named function a reader can find:
     source  = equalize_depthwise_inputs(...) if asked      same FP32 function, even ranges
     qmodel  = quantize_model(source, ...)                  prepare: swap layers
     calibrate(...); gptq(...) if asked                     PTQ: activation ranges, weight
-    search_clips(...) if --calibration loss                rounding, clips by the output;
-    bias_correct(...) if asked                             bias (auto: kept if it helps on
-                                                           validation images)
+    search_clips_if_better(...) if --calibration loss      rounding, clips by the output,
+    bias_correct(...) if asked                             bias (the clips, and auto's bias,
+                                                           kept if they help on validation
+                                                           images)
     train_qat(...) if method == "qat"                      QAT (LSQ)
     convert(qmodel)                                        freeze
     quant_acc = accuracy(predict(qmodel, test))            measure (torch engine)
@@ -44,7 +45,7 @@ from filelock import FileLock
 
 from . import bitops, fp32_stats, onnx_export, results, threads
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .clip_search import search_clips
+from .clip_search import search_clips_if_better
 from .config import (
     CALIBRATION_METHODS,
     ENGINES,
@@ -100,8 +101,8 @@ def get_args_parser():
     p.add_argument("--calibration", default=d.calibration, choices=CALIBRATION_METHODS,
                    help="activation range calibration: absmax, 99.99th percentile, least "
                         "squared error per input, or mse then each clip moved to where the "
-                        "network's output is closest to FP32's (clip_search.py) "
-                        "(default: loss with activations of 3 bits or fewer, else mse)")
+                        "network's output is closest to FP32's (clip_search.py), kept only "
+                        "if it scores higher on the validation images (default: loss with activations of 3 bits or fewer, else mse)")
     p.add_argument("--calib_batches", type=int, default=d.calib_batches,
                    help="calibration batches of training images (default: %(default)s)")
     p.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size,
@@ -393,22 +394,34 @@ def quantize_and_measure(config, run, loaded, progress):
         progress.start("round")
         gptq(qmodel, calib_loader)
         progress.start("calibrate")  # bias correction is timed with calibration
+    # Both held-out choices (the searched clips, the bias correction) score on the validation
+    # images train.py kept out of training; the first one's score is the second's "without".
+    val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
+
+    def val_score(model):
+        return evaluate(model, val_loader, fold=True)
+
+    chosen, score_now = {}, None
     if config.calibration == "loss":
         progress.start("clip_search")
-        found = search_clips(qmodel, source, calib_loader)
+        found = search_clips_if_better(qmodel, source, calib_loader, val_score)
         progress.start("calibrate")
         moved = sum(new != old for _, old, new in found["changes"])
+        chosen = {"clip_search_used": found["used"],
+                  "clip_search_val_acc_mse": found["score_start"],
+                  "clip_search_val_acc_searched": found["score_searched"]}
+        score_now = found["score_searched"] if found["used"] else found["score_start"]
         print(f"clip search: {moved} of {len(found['changes'])} activation clips moved; "
               f"KL(FP32 || quantized) on its images {found['kl_before']:.4f} -> "
-              f"{found['kl_after']:.4f}", flush=True)
-    chosen = {}
+              f"{found['kl_after']:.4f}; {'searched' if found['used'] else 'mse'} clips kept "
+              f"({found['score_searched']:.2f}% searched, {found['score_start']:.2f}% mse, "
+              f"on {len(val)} validation images)", flush=True)
     if config.bias_correction == "auto":
-        val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
         qmodel, used, without, with_ = bias_correct_if_better(
-            qmodel, source, calib_loader, lambda m: evaluate(m, val_loader, fold=True),
-            num_batches=config.calib_batches, fp32_means=means)
-        chosen = {"bias_correction_used": used, "bias_correction_val_acc_without": without,
-                  "bias_correction_val_acc_with": with_}
+            qmodel, source, calib_loader, val_score, num_batches=config.calib_batches,
+            fp32_means=means, score_without=score_now)
+        chosen.update({"bias_correction_used": used, "bias_correction_val_acc_without": without,
+                       "bias_correction_val_acc_with": with_})
         print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
               f"{without:.2f}% without, on {len(val)} validation images)", flush=True)
     elif config.bias_correction:
@@ -488,7 +501,7 @@ def quantize_and_measure(config, run, loaded, progress):
     metrics["time/total_s"] = metrics["run_seconds"]  # runs.csv: to the end of W&B's finish
     print(f"{label.upper()} {config.method} "
           f"({config.calibration}, {config.weight_granularity}"
-          f"{bias_correction_words(config, chosen)}): quant_acc "
+          f"{choice_words(config, chosen)}): quant_acc "
           f"{quant_acc:.2f} (FP32 {baseline_acc:.2f}, drop {metrics['acc_drop']:.2f}), "
           f"{size['compressed_mb']:.3f} MB (x{size['compression_ratio']:.2f}), "
           f"{totals['bitops'] / 1e9:.3f} GBitOps -> {model_path}")
@@ -499,10 +512,14 @@ def quantize_and_measure(config, run, loaded, progress):
     return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
 
 
-def bias_correction_words(config, chosen):
+def choice_words(config, chosen):
+    words = ""
+    if config.calibration == "loss":
+        words = f", clips {'searched' if chosen['clip_search_used'] else 'from mse'}"
     if config.bias_correction == "auto":
-        return f", bias correction auto: {'on' if chosen['bias_correction_used'] else 'off'}"
-    return ", bias correction" if config.bias_correction else ""
+        return words + (f", bias correction auto: "
+                        f"{'on' if chosen['bias_correction_used'] else 'off'}")
+    return words + (", bias correction" if config.bias_correction else "")
 
 
 def run_plan(config, ckpt, fp32, info, train):

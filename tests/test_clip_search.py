@@ -75,11 +75,49 @@ def test_starting_at_each_block_chooses_what_whole_network_passes_choose(
     assert _clips(models[0]) == pytest.approx(_clips(models[1]), rel=1e-6)
 
 
-def test_loss_calibration_needs_the_fp32_model_and_training_images(fashion_mnist,
-                                                                   fashion_mnist_model):
+def test_the_searched_clips_are_kept_only_if_they_score_higher(fashion_mnist,
+                                                                fashion_mnist_model):
+    """The held-out guard: with a score that prefers the starting (`mse`) clips, the model
+    goes back to exactly those scales; with one that prefers the searched clips, it keeps
+    them; a tie keeps the start. The score here is real validation accuracy, recorded per
+    clip state, then compared in whichever direction the case asks."""
+    info, _, val, _ = fashion_mnist
+    loader = _loader(fashion_mnist)
+    val_loader = BatchLoader(val.head(500), info, 250)
+    with torch_threads(1):
+        base = calibrate(quantize_model(fashion_mnist_model, (8, 3)), loader, "mse", 2)
+        start = [float(q.scale) for q in _act_quantizers(base)]
+        searched_model = copy.deepcopy(base)
+        clip_search.search_clips(searched_model, fashion_mnist_model, loader, num_batches=1)
+        searched = [float(q.scale) for q in _act_quantizers(searched_model)]
+        assert searched != start
+        for prefer, keeps in (("start", start), ("searched", searched), ("tie", start)):
+            q = copy.deepcopy(base)
+            seen = []
+
+            def score(model):
+                from mobilenet_compression.evaluation import evaluate
+                scales = [float(a.scale) for a in _act_quantizers(model)]
+                seen.append((scales, evaluate(model, val_loader, fold=True)))
+                return {"start": float(scales == start), "searched": float(scales != start),
+                        "tie": 0.5}[prefer]
+
+            found = clip_search.search_clips_if_better(q, fashion_mnist_model, loader, score,
+                                                       num_batches=1)
+            assert [float(a.scale) for a in _act_quantizers(q)] == keeps, prefer
+            assert found["used"] == (prefer == "searched")
+            # scored once with the searched clips, once with the start, in that order
+            assert [s for s, _ in seen] == [searched, start]
+            assert all(0.0 <= acc <= 100.0 for _, acc in seen)
+    # real accuracies of the two states: the same model scores the same both times
+    assert len({acc for s, acc in seen if s == start}) == 1
+
+
+def test_loss_is_a_search_after_mse_on_training_images(fashion_mnist,
+                                                        fashion_mnist_model):
     info, _, _, test = fashion_mnist
     q = quantize_model(fashion_mnist_model, (8, 4))
-    with pytest.raises(ValueError, match="needs the FP32 model"):
+    with pytest.raises(ValueError, match="calibrate with 'mse', then move the clips"):
         calibrate(q, _loader(fashion_mnist), "loss", 1)
     calibrate(q, _loader(fashion_mnist), "mse", 1)
     with pytest.raises(UserError, match="training images"):
@@ -110,3 +148,11 @@ def test_a_3_bit_run_searches_its_clips_by_default(tmp_path, small_checkpoint): 
     assert "activation clips moved; KL(FP32 || quantized) on its images" in r.stdout
     row = pd.read_csv(tmp_path / "res" / "runs" / "runs.csv").iloc[0]
     assert row["calibration"] == "loss" and row["status"] == "finished"
+    # the held-out guard's choice and its two validation scores are in the row
+    assert bool(row["clip_search_used"]) == (row["clip_search_val_acc_searched"] >
+                                             row["clip_search_val_acc_mse"])
+    kept = "searched" if row["clip_search_used"] else "mse"
+    assert f"{kept} clips kept" in r.stdout
+    # the bias correction's "without" is the model the guard kept, scored once
+    assert row["bias_correction_val_acc_without"] == max(row["clip_search_val_acc_searched"],
+                                                         row["clip_search_val_acc_mse"])
