@@ -102,7 +102,8 @@ def get_args_parser():
                    help="activation range calibration: absmax, 99.99th percentile, least "
                         "squared error per input, or mse then each clip moved to where the "
                         "network's output is closest to FP32's (clip_search.py), kept only "
-                        "if it scores higher on the validation images (default: loss with activations of 3 bits or fewer, else mse)")
+                        "if it scores higher on the validation images (default: loss "
+                        "with activations of 3 bits or fewer, else mse)")
     p.add_argument("--calib_batches", type=int, default=d.calib_batches,
                    help="calibration batches of training images (default: %(default)s)")
     p.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size,
