@@ -126,6 +126,9 @@ class RunConfig:
     qat_lr: float = 0.01
     qat_batch_size: int = 128
     qat_freeze_bn: float = 0.5
+    # validation checks during QAT; the best-scoring model, the PTQ start included, is kept
+    # (qat.py). 0: the last model, unchecked
+    qat_checks: int = 4
     # on since the 18-epoch checkpoint agreed with the 30-epoch one (README, QAT bullet)
     distill: bool = True
     engine: str = "torch"
@@ -169,6 +172,11 @@ class RunConfig:
                     raise UserError(f"--seed must be an integer, got {v[name]!r}.")
                 continue
             v[name] = _positive_int(v[name], f"--{name}")
+        checks = v["qat_checks"]
+        if (isinstance(checks, bool) or not isinstance(checks, numbers.Real)
+                or not float(checks).is_integer() or checks < 0):
+            raise UserError(f"--qat_checks must be a whole number >= 0, got {checks!r}.")
+        v["qat_checks"] = int(checks)
         for name in ("max_eval_samples", "threads"):
             v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
         if str(v["bias_correction"]).strip().lower() == "auto":
@@ -229,5 +237,6 @@ class RunConfig:
             if self.plan == "sensitivity":
                 keys.append("sensitivity_images")
         if self.method == "qat":
-            keys += ["qat_epochs", "qat_lr", "qat_batch_size", "qat_freeze_bn", "distill"]
+            keys += ["qat_epochs", "qat_lr", "qat_batch_size", "qat_freeze_bn", "qat_checks",
+                     "distill"]
         return {k: getattr(self, k) for k in keys}

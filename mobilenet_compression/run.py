@@ -140,6 +140,10 @@ def get_args_parser():
     p.add_argument("--qat_freeze_bn", type=float, default=d.qat_freeze_bn,
                    help="QAT: fraction of the steps after which BatchNorm statistics are "
                         "frozen (default: %(default)s)")
+    p.add_argument("--qat_checks", type=int, default=d.qat_checks,
+                   help="QAT: times, evenly spaced, the model is scored on the validation "
+                        "images train.py held out; the best one, the PTQ start included, is "
+                        "kept (0: keep the last, unscored) (default: %(default)s)")
     p.add_argument("--distill", default=str(d.distill).lower(), metavar="{true,false}",
                    help="QAT: learn from the FP32 model's outputs (KL) instead of the labels "
                         "(default: %(default)s)")
@@ -423,18 +427,21 @@ def quantize_and_measure(config, run, loaded, progress):
             fp32_means=means, score_without=score_now)
         chosen.update({"bias_correction_used": used, "bias_correction_val_acc_without": without,
                        "bias_correction_val_acc_with": with_})
+        score_now = with_ if used else without
         print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
               f"{without:.2f}% without, on {len(val)} validation images)", flush=True)
     elif config.bias_correction:
         bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches,
                      fp32_means=means)
+        score_now = None  # the corrected model has not been scored
     qat = {}
     if config.method == "qat":
         progress.start("qat")
         qat = train_qat(qmodel, train, info, config,
                         weight_decay=ckpt.get("args", {}).get("weight_decay", 4e-5),
                         teacher=fp32 if config.distill else None,
-                        log=(lambda row, step: run.log(row, step=step)) if run else None)
+                        log=(lambda row, step: run.log(row, step=step)) if run else None,
+                        score=val_score, score_start=score_now)
         progress.done.update(qat)
     convert(qmodel)
 

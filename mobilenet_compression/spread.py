@@ -22,7 +22,7 @@ from .files import atomic_write
 # Run parameters that must be the same in every sweep of a spread.
 SAME = ("method", "calibration", "bias_correction", "weight_method", "weight_granularity",
         "weight_rounding", "calib_batches", "engine", "qat_epochs", "qat_lr", "qat_batch_size",
-        "qat_freeze_bn", "distill", "equalize")
+        "qat_freeze_bn", "qat_checks", "distill", "equalize")
 # What a run did before its runs.csv had the column.
 BEFORE_COLUMN = {"engine": "torch", "weight_rounding": "nearest", "equalize": False}
 

@@ -116,6 +116,79 @@ def test_qat_holds_the_biases_bias_correction_added_fixed(fashion_mnist_model, f
     assert not qmodel.classifier[-1].bias.equal(fp32.classifier[-1].bias)  # trained
 
 
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qat_keeps_the_start_when_validation_scores_it_higher(fashion_mnist_model,
+                                                              fashion_mnist):
+    """The scorer here is scripted (every trained model scores 50, the start 60) so that the
+    choice is known; the real scorer is the validation accuracy (the run test below)."""
+    info, train, _, _ = fashion_mnist
+    qmodel = ptq(fashion_mnist_model, fashion_mnist, 4, 4)
+    start = _state(qmodel)
+    scored = []
+
+    def score(model):
+        assert not model.training  # scored as it will be used
+        scored.append(1)
+        return 50.0
+
+    with torch_threads(1):
+        out = train_qat(qmodel, train.head(1280), info,
+                        qat_config(weight_bits=4, activation_bits=4, qat_epochs=1.0,
+                                   qat_checks=3),
+                        teacher=fashion_mnist_model, score=score, score_start=60.0)
+    assert len(scored) == 3  # the start's score was given, not measured again
+    assert (out["qat_kept_step"], out["qat_val_acc_kept"]) == (0, 60.0)
+    assert (out["qat_val_acc_start"], out["qat_val_acc_last"]) == (60.0, 50.0)
+    assert _same_state(_state(qmodel), start)  # exactly the PTQ model, weights and scales
+    assert not qmodel.training
+
+
+def test_qat_checks_choose_without_changing_the_training(fashion_mnist_model, fashion_mnist):
+    """Scoring between steps does not move the training: with a scorer that prefers later
+    models the last one is kept, identical to QAT without checks; a tie keeps the earlier."""
+    info, train, _, _ = fashion_mnist
+    config = dict(weight_bits=4, activation_bits=4, qat_epochs=1.0)  # 10 steps of 128
+    with torch_threads(1):
+        plain = ptq(fashion_mnist_model, fashion_mnist, 4, 4)
+        out = train_qat(plain, train.head(1280), info, qat_config(**config, qat_checks=0),
+                        teacher=fashion_mnist_model,
+                        score=lambda m: pytest.fail("qat_checks 0 scores nothing"))
+        assert "qat_kept_step" not in out
+        calls = []
+
+        def rising(model):
+            calls.append(1)
+            return float(len(calls))
+
+        checked = ptq(fashion_mnist_model, fashion_mnist, 4, 4)
+        out = train_qat(checked, train.head(1280), info, qat_config(**config, qat_checks=4),
+                        teacher=fashion_mnist_model, score=rising)
+        assert len(calls) == 5  # the start, scored here, and 4 checks
+        assert (out["qat_kept_step"], out["qat_steps"]) == (10, 10)
+        assert _same_state(_state(checked), _state(plain))
+
+        ties = ptq(fashion_mnist_model, fashion_mnist, 4, 4)
+        start = _state(ties)
+        out = train_qat(ties, train.head(1280), info, qat_config(**config, qat_checks=4),
+                        teacher=fashion_mnist_model, score=lambda m: 70.0)
+        assert out["qat_kept_step"] == 0 and _same_state(_state(ties), start)
+
+
+def test_check_steps_are_evenly_spaced_and_end_at_the_last_step():
+    from mobilenet_compression.qat import check_steps
+    assert check_steps(100, 4) == [25, 50, 75, 100]
+    assert check_steps(10, 3) == [3, 7, 10]
+    assert check_steps(2, 4) == [1, 2]  # fewer steps than checks
+    assert check_steps(100, 0) == []
+
+
 def test_qat_and_bias_correction_refuse_validation_and_test_images(
         fashion_mnist_model, fashion_mnist):
     info, _, val, test = fashion_mnist
@@ -311,6 +384,14 @@ def test_qat_run_logs_method_reloads_and_counts_bitops_from_its_plan(tmp_path,
     assert logged["state"] == "finished"
     assert summary["method"] == "qat" and summary["bitops"] == totals["bitops"]
     assert summary["qat_epochs"] == 0.02 and summary["qat_seconds"] > 0
+    # The kept model is the best the validation checks saw (4 by default; the start included),
+    # and that is what was measured on test: the kept score is the one printed.
+    assert row.qat_checks == 4 and summary["qat_checks"] == 4
+    seen = (row.qat_val_acc_start, row.qat_val_acc_last)
+    assert row.qat_val_acc_kept >= max(seen) and 0 <= row.qat_kept_step <= row.qat_steps
+    assert (row.qat_kept_step == 0) == (row.qat_val_acc_kept == row.qat_val_acc_start)
+    assert f"QAT: kept the model after step {row.qat_kept_step} of {row.qat_steps}" in r.stdout
+    assert f"{row.qat_val_acc_kept:.2f}% on the validation images" in r.stdout
     assert logged["config"]["bias_correction"] is True  # the validated value, not the flag text
 
 
@@ -405,6 +486,7 @@ def test_agent_launched_run_stopped_mid_evaluation_leaves_a_failed_run_and_a_kil
     (["--method", "qat", "--qat_epochs", "-1"], "--qat_epochs must be a positive number"),
     (["--method", "qat", "--qat_epochs", "many"], "--qat_epochs"),
     (["--method", "qat", "--qat_lr", "0"], "--qat_lr must be a positive number"),
+    (["--method", "qat", "--qat_checks", "-1"], "--qat_checks must be a whole number >= 0"),
     (["--bias_correction", "maybe"], "--bias_correction must be true, false or auto"),
     (["--method", "qat", "--weight_bits", "32", "--activation_bits", "32"], "nothing"),
 ])
