@@ -7,7 +7,9 @@ calibrate, round (GPTQ), qat, eval, export, onnx, log, wandb_finish, and total) 
 the offline agent left one, agent_state.json (each run's wall time from launch to exit, and
 the sweep's span). Prints the median seconds per stage, the per-run overhead (everything but
 the evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), and
-the sweep's wall time. Figures, not assertions.
+the sweep's wall time. For a sweep whose runs ran ONNX Runtime, also the least wall time the
+same grid could take with `--engine onnxruntime` on this machine's cores (`floor`). Figures,
+not assertions.
 """
 
 import json
@@ -15,6 +17,9 @@ import os
 import sys
 
 import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mobilenet_compression.run import AGREEMENT_IMAGES  # noqa: E402
 
 STAGES = ["startup", "wandb_init", "load", "baseline", "calibrate", "round", "clip_search",
           "qat", "eval", "export", "onnx", "log", "wandb_finish"]
@@ -44,6 +49,7 @@ def main():
     overhead = total - evaluation
     print(f"per run: evaluation {evaluation.median():.1f} s, everything else "
           f"{overhead.median():.1f} s = {100 * (overhead / total).median():.0f}% (medians)")
+    floor(runs, t)
     state_path = os.path.join(folder, "agent_state.json")
     if os.path.exists(state_path):
         state = json.load(open(state_path))
@@ -53,6 +59,37 @@ def main():
             span = max(b for _, b in spans) - min(a for a, _ in spans)
             print(f"sweep wall time (agent: first launch to last exit): {span:.0f} s "
                   f"({span / 60:.1f} min) for {len(spans)} runs")
+
+
+def floor(runs, t, cores=None):
+    """What a grid evaluated by ONNX Runtime (`--engine onnxruntime`) must spend at least,
+    from this sweep's own figures: the engine's pass over the test images (`onnx_eval_s`),
+    PyTorch's agreement check on AGREEMENT_IMAGES of them (the issue asks for it; this many
+    images at the sweep's PyTorch evaluation rate) and each run's process start, in
+    core-seconds (seconds x the run's threads, as if every thread were fully used: a lower
+    bound), shared perfectly over this machine's cores. No calibration, no export, no W&B,
+    no timing of the engine: the real grid takes longer."""
+    if "onnx_eval_s" not in runs.columns or runs["onnx_eval_s"].isna().all():
+        return
+    cores = cores or os.cpu_count()
+    threads = runs["onnx_threads"].fillna(cores) if "onnx_threads" in runs.columns else cores
+    engine = runs["engine"] if "engine" in runs.columns else pd.Series("torch", runs.index)
+    images = runs["eval_images"] if "eval_images" in runs.columns else 10000
+    # a torch-engine run evaluated all its test images in PyTorch; an onnxruntime one only
+    # the agreement check
+    zero = pd.Series(0.0, runs.index)
+    per_check = t.get("time/eval_s", zero) * (AGREEMENT_IMAGES / images).where(
+        engine == "torch", 1.0)
+    parts = {"ONNX Runtime's evaluation of the test images": runs["onnx_eval_s"] * threads,
+             f"PyTorch's agreement check on {AGREEMENT_IMAGES} images": per_check * threads,
+             "process start": t.get("time/startup_s", zero)}  # one core each
+    total = sum(float(v.sum()) for v in parts.values())
+    print(f"floor for this grid with --engine onnxruntime on {cores} cores (core-seconds "
+          f"summed over {len(runs)} runs):")
+    for name, v in parts.items():
+        print(f"  {name:50s} {float(v.sum()):7.1f}")
+    print(f"  => at least {total / cores:.0f} s ({total / cores / 60:.1f} min) of wall time, "
+          f"before calibration, export and W&B")
 
 
 if __name__ == "__main__":
