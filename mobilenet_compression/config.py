@@ -45,13 +45,14 @@ def parse_bool(value, flag):
     raise UserError(f"{flag} must be true or false, got {value!r}.")
 
 
-def _positive_int(value, flag, allow_none=False):
+def _positive_int(value, flag, allow_none=False, minimum=1):
     if value is None and allow_none:
         return None
     ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and float(value).is_integer() and value >= 1)
+          and float(value).is_integer() and value >= minimum)
     if not ok:
-        raise UserError(f"{flag} must be a positive integer, got {value}.")
+        kind = "a positive integer" if minimum == 1 else f"a whole number >= {minimum}"
+        raise UserError(f"{flag} must be {kind}, got {value}.")
     return int(value)
 
 
@@ -172,11 +173,7 @@ class RunConfig:
                     raise UserError(f"--seed must be an integer, got {v[name]!r}.")
                 continue
             v[name] = _positive_int(v[name], f"--{name}")
-        checks = v["qat_checks"]
-        if (isinstance(checks, bool) or not isinstance(checks, numbers.Real)
-                or not float(checks).is_integer() or checks < 0):
-            raise UserError(f"--qat_checks must be a whole number >= 0, got {checks!r}.")
-        v["qat_checks"] = int(checks)
+        v["qat_checks"] = _positive_int(v["qat_checks"], "--qat_checks", minimum=0)
         for name in ("max_eval_samples", "threads"):
             v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
         if str(v["bias_correction"]).strip().lower() == "auto":
