@@ -122,19 +122,33 @@ def main():
                     f"ONNX Runtime W{args.weight_bits}A{args.activation_bits} (ours)":
                         ox.session(ours, args.threads),
                     "ONNX Runtime quantize_static W8A8": ox.session(theirs, args.threads)}
+        # The ONNX Runtime sessions run in turn, one pass each per round (paired_throughput),
+        # so a change in the machine's speed falls on all alike; the ratios are pass against
+        # pass. PyTorch is timed between those blocks, its ratio from the medians.
         speeds = {"PyTorch eager FP32": [], **{k: [] for k in sessions}}
-        for _ in range(3):  # rounds alternate the engines, so drift hits all alike
+        ratios = {k: [] for k in sessions}
+        for _ in range(3):
             speeds["PyTorch eager FP32"].append(torch_img_s(fp32, batch, args.repeats))
-            for name, sess in sessions.items():
-                speeds[name].append(ox.throughput(sess, batch, args.batch_size, args.repeats))
+            ort_speeds, ort_ratios = ox.paired_throughput(list(sessions.values()), batch,
+                                                          args.batch_size, args.repeats)
+            for name, v, r in zip(sessions, ort_speeds, ort_ratios):
+                speeds[name].append(v)
+                ratios[name].append(r)
         base = statistics.median(speeds["ONNX Runtime FP32"])
         width = (f"{ckpt['width_multiplier']:g} ({args.checkpoint})" if args.checkpoint
                  else f"{args.width:g} (random weights)")
         print(f"width {width}, batch {args.batch_size}, {args.threads} threads, images/s "
-              f"(median of 3 rounds x {args.repeats} passes), ratio to ONNX Runtime FP32:")
+              f"(median of 3 rounds x {args.repeats} passes); x ONNX Runtime FP32 (ONNX "
+              f"Runtime rows: the median of 3 rounds' medians of pass-against-pass ratios, "
+              f"each round's in brackets):")
         for name, values in speeds.items():
             v = statistics.median(values)
-            print(f"  {name:38s} {v:8.0f}   x{v / base:.2f}")
+            if name in ratios:
+                r = statistics.median(ratios[name])
+                per_round = ", ".join(f"{x:.2f}" for x in ratios[name])
+                print(f"  {name:38s} {v:8.0f}   x{r:.2f}  ({per_round})")
+            else:
+                print(f"  {name:38s} {v:8.0f}   x{v / base:.2f}")
         if args.profile:
             profile(ours, batch, args.threads, os.path.join(tmp, "ours"))
 

@@ -207,3 +207,57 @@ def test_below_8_bits_every_quantized_conv_runs_as_an_integer_kernel(
         factor, folded = batchnorm_factors(layer.bias, bn, layer.weight.shape[0])
         steps = folded / int32_bias_step(layer, factor)
         assert float((steps - steps.round()).abs().max()) < 1e-3
+
+
+def test_w8a8_pools_in_the_engines_layout_with_the_same_result(
+        fashion_mnist, fashion_mnist_model, tmp_path):
+    """At W8A8 the last conv is an integer kernel, which ONNX Runtime runs in NHWC: the
+    export pools with Transpose(NHWC) + ReduceMean, so in the engine's optimised graph the
+    pooling reads the last QLinearConv's output through its DequantizeLinear, with no
+    Transpose between them, and the logits are those of a GlobalAveragePool over NCHW."""
+    import onnxruntime as ort
+
+    info, _, _, test = fashion_mnist
+    qmodel, calib = quantized(fashion_mnist_model, fashion_mnist, 8, 8)
+    proto, _ = ox.build_onnx(qmodel, SHAPE, ox.output_scales(qmodel, calib, 4))
+    pool = [n for n in proto.graph.node if n.name.startswith("pool")]
+    assert [n.op_type for n in pool] == ["Transpose", "ReduceMean"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    producer = {o: n for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node
+                for o in n.output}
+    chain, x = [], next(n for n in producer.values() if n.op_type == "ReduceMean")
+    while x.op_type not in ("QLinearConv", "Transpose"):
+        x = producer[x.input[0]]
+        chain.append(x.op_type)
+    assert chain == ["DequantizeLinear", "QLinearConv"]
+    # The same graph pooled the NCHW way: GlobalAveragePool + Flatten in place of the two.
+    nchw = onnx.ModelProto()
+    nchw.CopyFrom(proto)
+    first = [i for i, n in enumerate(nchw.graph.node) if n.name.startswith("pool")][0]
+    source, out = pool[0].input[0], pool[1].output[0]
+    for _ in pool:
+        del nchw.graph.node[first]
+    for k, node in enumerate([
+            onnx.helper.make_node("GlobalAveragePool", [source], ["gap"], name="gap"),
+            onnx.helper.make_node("Flatten", ["gap"], [out], name="flat", axis=1)]):
+        nchw.graph.node.insert(first + k, node)
+    onnx.checker.check_model(nchw)
+    loader = eval_loader(test.head(512), info)
+    got, _ = ox.predict_onnx(ox.session(proto.SerializeToString(), 1), loader)
+    want, _ = ox.predict_onnx(ox.session(nchw.SerializeToString(), 1), loader)
+    # Only the order of a float32 mean's additions differs: logits (~10) agree to 1e-4.
+    assert float((got - want).abs().max()) < 1e-4 and ox.agreement(got, want) == 100.0
+
+
+def test_paired_throughput_times_each_session_in_turn(fashion_mnist, fashion_mnist_model):
+    info, _, _, test = fashion_mnist
+    proto, _ = ox.build_onnx(fashion_mnist_model, SHAPE)
+    fp32 = ox.session(proto.SerializeToString(), 1)
+    batch = ox._numpy(next(iter(eval_loader(test.head(64), info)))[0])
+    speeds, ratios = ox.paired_throughput([fp32, fp32], batch, batch_size=64, repeats=5)
+    assert len(speeds) == 2 and all(s > 0 for s in speeds)
+    # A session against itself: the first's ratio is exactly 1, the second's near it.
+    assert ratios[0] == 1.0 and 0.5 < ratios[1] < 2.0
