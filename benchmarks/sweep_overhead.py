@@ -6,8 +6,9 @@ Reads runs.csv (each finished run's `time/*_s` columns: startup, wandb_init, loa
 calibrate, round (GPTQ), qat, eval, export, onnx, log, wandb_finish, and total) and, when
 the offline agent left one, agent_state.json (each run's wall time from launch to exit, and
 the sweep's span). Prints the median seconds per stage, the per-run overhead (everything but
-the evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), and
-the sweep's wall time. For a sweep whose runs ran ONNX Runtime, also the least wall time the
+the evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), the
+onnx stage split into the engine's pass over the test images (`onnx_eval_s`) and the export
+steps around it, and the sweep's wall time. For a sweep whose runs ran ONNX Runtime, also the least wall time the
 same grid could take with `--engine onnxruntime` on this machine's cores (`floor`). Figures,
 not assertions.
 """
@@ -49,6 +50,16 @@ def main():
     overhead = total - evaluation
     print(f"per run: evaluation {evaluation.median():.1f} s, everything else "
           f"{overhead.median():.1f} s = {100 * (overhead / total).median():.0f}% (medians)")
+    if "onnx_eval_s" in runs.columns and "time/onnx_s" in cols:
+        # The onnx stage is two things: the engine's pass over the test images (onnx_acc,
+        # and quant_acc itself with --engine onnxruntime) and the export steps around it.
+        onnx_eval = runs["onnx_eval_s"].fillna(0.0)
+        steps = t["time/onnx_s"] - onnx_eval + t.get("time/export_s", 0.0)
+        print(f"ONNX stage: the engine's pass over the test images {onnx_eval.median():.1f} s, "
+              f"the rest of it {(t['time/onnx_s'] - onnx_eval).median():.1f} s (graph, "
+              f"sessions, speed timing); with the safetensors export, the export steps add "
+              f"{steps.median():.1f} s = {100 * (steps / total).median():.0f}% of a run "
+              f"(medians)")
     floor(runs, t)
     state_path = os.path.join(folder, "agent_state.json")
     if os.path.exists(state_path):
