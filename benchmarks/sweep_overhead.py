@@ -8,9 +8,9 @@ the offline agent left one, agent_state.json (each run's wall time from launch t
 the sweep's span). Prints the median seconds per stage, the per-run overhead (everything but
 the evaluation that measures quant_acc: `eval`, plus `onnx` with --engine onnxruntime), the
 onnx stage split into the engine's pass over the test images (`onnx_eval_s`) and the export
-steps around it, and the sweep's wall time. For a sweep whose runs ran ONNX Runtime, also the least wall time the
-same grid could take with `--engine onnxruntime` on this machine's cores (`floor`). Figures,
-not assertions.
+steps around it, and the sweep's wall time. For a sweep whose runs ran ONNX Runtime, also
+the least wall time the same grid could take with `--engine onnxruntime` on this machine's
+cores (`floor`). Figures, not assertions.
 """
 
 import json

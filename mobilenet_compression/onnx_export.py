@@ -446,9 +446,10 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
     output from `calibration`, a loader of training images, when given), run it in ONNX
     Runtime over `loader`, and time it against the FP32 model exported and run the same way
     in this process. Returns (metrics, logits):
-    onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5), onnx_latency_ms (batch 1, median of 50),
-    onnx_fp32_img_s, onnx_speedup (batch 256, the median over 5 rounds of one pass of each,
-    alternated, of FP32 seconds / quantized seconds), onnx_threads (the
+    onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5),
+    onnx_latency_ms (batch 1, median of 50), onnx_fp32_img_s, onnx_speedup (batch 256, the
+    median over 5 rounds of one pass of each, in turn, of FP32 seconds / quantized seconds),
+    onnx_threads (the
     sessions' intra-op threads: `threads`, else ONNX Runtime's default of one per core; ONNX
     Runtime does not read OMP_NUM_THREADS, so a run sharing the machine must pass it)."""
     scales = output_scales(qmodel, calibration, calib_batches) if calibration else None
