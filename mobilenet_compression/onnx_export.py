@@ -449,9 +449,9 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
     onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5),
     onnx_latency_ms (batch 1, median of 50), onnx_fp32_img_s, onnx_speedup (batch 256, the
     median over 5 rounds of one pass of each, in turn, of FP32 seconds / quantized seconds),
-    onnx_threads (the
-    sessions' intra-op threads: `threads`, else ONNX Runtime's default of one per core; ONNX
-    Runtime does not read OMP_NUM_THREADS, so a run sharing the machine must pass it)."""
+    onnx_threads (the sessions' intra-op threads: `threads`, else ONNX Runtime's default of
+    one per core; ONNX Runtime does not read OMP_NUM_THREADS, so a run sharing the machine
+    must pass it)."""
     scales = output_scales(qmodel, calibration, calib_batches) if calibration else None
     export_onnx(qmodel, path, input_shape, scales)
     sess = session(path, threads)
