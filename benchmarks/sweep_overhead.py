@@ -54,9 +54,10 @@ def main():
         # The onnx stage is two things: the engine's pass over the test images (onnx_acc,
         # and quant_acc itself with --engine onnxruntime) and the export steps around it.
         onnx_eval = runs["onnx_eval_s"].fillna(0.0)
-        steps = t["time/onnx_s"] - onnx_eval + t.get("time/export_s", 0.0)
+        rest = t["time/onnx_s"] - onnx_eval
+        steps = rest + t.get("time/export_s", 0.0)
         print(f"ONNX stage: the engine's pass over the test images {onnx_eval.median():.1f} s, "
-              f"the rest of it {(t['time/onnx_s'] - onnx_eval).median():.1f} s (graph, "
+              f"the rest of it {rest.median():.1f} s (graph, "
               f"sessions, speed timing); with the safetensors export, the export steps add "
               f"{steps.median():.1f} s = {100 * (steps / total).median():.0f}% of a run "
               f"(medians)")

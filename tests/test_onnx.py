@@ -37,6 +37,18 @@ def quantized(model, fashion_mnist, wb, ab):
     return qmodel, calib
 
 
+def optimised_nodes(proto, tmp_path):
+    """The nodes of the graph ONNX Runtime runs for `proto` (every optimisation on), as it
+    writes that graph out."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "optimised.onnx")).graph.node
+
+
 def test_batchnorm_folding_keeps_the_fp32_model_outputs(fashion_mnist, fashion_mnist_model):
     info, _, _, test = fashion_mnist
     loader = eval_loader(test.head(512), info)
@@ -178,8 +190,6 @@ def test_below_8_bits_every_quantized_conv_runs_as_an_integer_kernel(
     too: the b-bit codes are clipped as uint8, after the QuantizeLinear), which is most of
     them; the rest read or feed the float residual sums. The int32 biases the engine adds
     are the PyTorch model's own (convert put them on that grid)."""
-    import onnxruntime as ort
-
     from mobilenet_compression.quantization import (
         batchnorm_factors,
         int32_bias_step,
@@ -188,11 +198,7 @@ def test_below_8_bits_every_quantized_conv_runs_as_an_integer_kernel(
 
     qmodel, _ = quantized(fashion_mnist_model, fashion_mnist, 4, 4)
     proto, _ = ox.build_onnx(qmodel, SHAPE)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    ops = [n.op_type for n in optimised_nodes(proto, tmp_path)]
     readers = {}
     for n in proto.graph.node:
         for i in n.input:
@@ -215,19 +221,12 @@ def test_w8a8_pools_in_the_engines_layout_with_the_same_result(
     export pools with Transpose(NHWC) + ReduceMean, so in the engine's optimised graph the
     pooling reads the last QLinearConv's output through its DequantizeLinear, with no
     Transpose between them, and the logits are those of a GlobalAveragePool over NCHW."""
-    import onnxruntime as ort
-
     info, _, _, test = fashion_mnist
     qmodel, calib = quantized(fashion_mnist_model, fashion_mnist, 8, 8)
     proto, _ = ox.build_onnx(qmodel, SHAPE, ox.output_scales(qmodel, calib, 4))
     pool = [n for n in proto.graph.node if n.name.startswith("pool")]
     assert [n.op_type for n in pool] == ["Transpose", "ReduceMean"]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    producer = {o: n for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node
-                for o in n.output}
+    producer = {o: n for n in optimised_nodes(proto, tmp_path) for o in n.output}
     chain, x = [], next(n for n in producer.values() if n.op_type == "ReduceMean")
     while x.op_type not in ("QLinearConv", "Transpose"):
         x = producer[x.input[0]]
