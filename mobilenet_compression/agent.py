@@ -29,6 +29,7 @@ and report there too.
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -147,6 +148,40 @@ def validate_sweep_config(config, path):
     command = config.get("command") or DEFAULT_COMMAND
     if "${program}" in command and not config.get("program"):
         raise UserError(f"{path} has no `program:`, which its command's ${{program}} needs")
+
+
+def _listed_values(spec):
+    """The concrete values a sweep parameter's spec names: `value`, every one of `values`,
+    and the ends of a `min`/`max` range."""
+    if not isinstance(spec, dict):
+        return []
+    if "value" in spec:
+        return [spec["value"]]
+    if isinstance(spec.get("values"), list):
+        return list(spec["values"])
+    return [spec[k] for k in ("min", "max") if k in spec]
+
+
+def check_parameter_values(config, path):
+    """Check every value a sweep's parameters name by the run's own rules (RunConfig, the
+    same as its flags) before any run starts: a bad value is one UserError naming the
+    parameter, not a failed run. Each value is checked beside the first value of every other
+    parameter (so `plan: sensitivity` meets its budget); an error about another parameter is
+    left to the runs, since the sweep's command may add flags. Parameters that are not a
+    run's (a sweep of another program) are that program's to check."""
+    from mobilenet_compression.config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    params = {k: v for k, v in (config.get("parameters") or {}).items() if k in fields}
+    values = {name: _listed_values(spec) for name, spec in params.items()}
+    first = {name: v[0] for name, v in values.items() if v}
+    for name, listed in values.items():
+        for value in listed:
+            try:
+                RunConfig.from_dict({**first, name: value})
+            except UserError as e:
+                if str(e).startswith(f"--{name} "):  # this value's own error
+                    raise UserError(f"{path}: parameter {name}: {e}") from None
 
 
 def sweep_id_for(config):
@@ -820,6 +855,7 @@ def results_dir_of(config, path, given):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     config = load_sweep_config(args.sweep)
+    check_parameter_values(config, args.sweep)
     if config["method"] != "grid" and args.count is None:
         raise UserError(f"a {config['method']} sweep never ends by itself; "
                         f"pass --count N for the number of runs")

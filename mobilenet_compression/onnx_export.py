@@ -11,13 +11,19 @@ every scale in the file is one this package computed; nothing is re-calibrated b
 - A quantized layer reads `DequantizeLinear(QuantizeLinear(x))` with the layer's activation
   scale and `DequantizeLinear(int8 codes, per-channel scales, axis 0)` weights; its bias is
   int32 at scale input_scale x weight_scale: the form ONNX Runtime fuses into QLinearConv.
-  The b-bit weight codes are stored times k = 127 // qmax (`quantization.int8_code_factor`)
-  at scale / k: the same products, on a bias grid k times finer. The PyTorch model's bias
-  is already on that grid (`quantization.round_bias_to_int32_grid`, part of `convert`), so
-  the engine's integer bias is the model's own, not a rounding of it.
+  The b-bit weight codes are stored as they are (a 4-bit weight is -7..7) at their own
+  scale. The PyTorch model's bias is already on the int32 grid (input scale x weight scale,
+  `quantization.round_bias_to_int32_grid`, part of `convert`), so the engine's integer bias
+  is the model's own, not a rounding of it.
   Activation codes are uint8 throughout (one type in and out is what the engine fuses):
-  unsigned codes with zero point 0, signed codes shifted by 128 (zero point 128), the same
-  grid.
+  unsigned codes with zero point 0, signed b-bit codes shifted by 2^(b-1) (zero point
+  2^(b-1)), the same grid; a b-bit code is stored in 0..2^b-1.
+- The same integers on every CPU: ONNX Runtime's u8 x s8 kernels on x86 without VNNI add
+  pairs of products in int16 and saturate past 32,767 (`precision.weight_range`). Every
+  integer layer's stored inputs (<= 2^b - 1) and weight codes keep each pair sum within
+  int16: 8-bit weights on 8-bit inputs are on [-64, 64] in the PyTorch model too, every
+  other combination fits as it is. `check_int16_pairs` proves it from the file's own
+  constants for every integer conv and Gemm before a file is written.
 - Below 8 activation bits the engine has no narrower integer type for convolutions, so the
   codes travel in uint8: `QuantizeLinear` then a uint8 `Clip` to the b-bit codes, so the
   engine computes exactly the b-bit grid and still fuses each conv into `QLinearConv` (its
@@ -56,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cpu import cpu_isa
 from .errors import UserError
 
 OPSET = 17
@@ -153,7 +160,7 @@ class _Graph:
         the codes saturate at 0 and at qmax anyway, so the conv before it stays fusable."""
         s = float(quant.scale)
         qmin, qmax = quant.qmin, quant.qmax
-        zp = 128 if quant.signed else 0  # uint8 codes = our codes + zp
+        zp = -qmin  # uint8 codes = our codes + zp: 0..2^b-1 (128 for signed 8-bit codes)
         lo, hi = qmin + zp, qmax + zp
         source = x
         if x in self.relu6_input and not quant.signed:
@@ -175,7 +182,7 @@ class _Graph:
 
     def conv_or_linear(self, x, layer, bn, stem):
         """One Conv2d / Linear (quantized or FP32), with the BatchNorm after it folded."""
-        from .quantization import QUANT_LAYERS, batchnorm_factors, int8_code_factor
+        from .quantization import QUANT_LAYERS, batchnorm_factors
 
         quantized = isinstance(layer, QUANT_LAYERS)
         weight = layer.weight.detach().double()
@@ -191,9 +198,6 @@ class _Graph:
             sign = torch.where(scale < 0, -1, 1)
             codes = codes * sign.reshape([-1] + [1] * (codes.dim() - 1))
             scale = scale.abs().clamp_min(1e-30)
-            if in_scale is not None:  # k x the codes at scale / k: a k times finer bias grid
-                k = int8_code_factor(wq.qmax)
-                codes, scale = codes * k, scale / k
             w_scale = self.const(stem + ".w_scale", scale.float().numpy())
             w = self.node("DequantizeLinear", [
                 self.const(stem + ".w_codes", codes.to(torch.int8).numpy()), w_scale,
@@ -354,7 +358,52 @@ def build_onnx(model, input_shape, output_scales=None):
                          producer_name="mobilenet-compression")
     proto.ir_version = 8  # ONNX Runtime 1.32 reads up to 11; 8 is what opset 17 needs
     g.onnx.checker.check_model(proto, full_check=True)
+    check_int16_pairs(proto)
     return proto, g.q_outputs
+
+
+def int16_pair_bounds(proto):
+    """{integer conv or Gemm node: the largest |a1 w1 + a2 w2| a u8 x s8 kernel can form from
+    its stored inputs and weight codes}, read from the file's own constants: a node whose
+    input is DequantizeLinear(uint8 codes) and whose weight is DequantizeLinear(int8
+    initializer). The stored inputs' largest value is the upper bound of the uint8 Clip that
+    produced them, else 255 (a QuantizeLinear to uint8). A static bound on the codes: it
+    holds for any input image."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    bounds = {}
+    for n in proto.graph.node:
+        if n.op_type not in ("Conv", "Gemm"):
+            continue
+        x_dq, w_dq = producer.get(n.input[0]), producer.get(n.input[1])
+        if not (x_dq is not None and w_dq is not None
+                and x_dq.op_type == w_dq.op_type == "DequantizeLinear"
+                and w_dq.input[0] in inits):
+            continue  # a float layer: no integer kernel
+        codes = inits[w_dq.input[0]]
+        source = producer.get(x_dq.input[0])
+        if source is not None and source.op_type == "Clip":
+            top = int(inits[source.input[2]])
+        elif source is not None and source.op_type == "QuantizeLinear":
+            top = int(np.iinfo(inits[source.input[2]].dtype).max)
+        else:
+            raise ValueError(f"{n.name}: its integer input comes from an unexpected node")
+        bounds[n.name] = 2 * top * int(np.abs(codes.astype(np.int64)).max())
+    return bounds
+
+
+def check_int16_pairs(proto):
+    """Raise ValueError unless every integer layer's pair sums fit int16
+    (`int16_pair_bounds`): then each of ONNX Runtime's int8 kernels (x86 with AVX2,
+    AVX-512, VNNI or AMX, ARM) computes the same integers, the PyTorch model's."""
+    from .precision import INT16_MAX
+
+    over = {k: v for k, v in int16_pair_bounds(proto).items() if v > INT16_MAX}
+    if over:
+        raise ValueError(f"integer layers whose u8 x s8 pair sums can pass {INT16_MAX} "
+                         f"(the result would depend on the CPU): {over}")
 
 
 def export_onnx(model, path, input_shape, output_scales=None):
@@ -449,6 +498,7 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
     onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5),
     onnx_latency_ms (batch 1, median of 50), onnx_fp32_img_s, onnx_speedup (batch 256, the
     median over 5 rounds of one pass of each, in turn, of FP32 seconds / quantized seconds),
+    cpu_isa (the CPU's int8 instructions, `cpu.cpu_isa`: what the speeds depend on),
     onnx_threads (the sessions' intra-op threads: `threads`, else ONNX Runtime's default of
     one per core; ONNX Runtime does not read OMP_NUM_THREADS, so a run sharing the machine
     must pass it)."""
@@ -470,4 +520,5 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
         "onnx_fp32_img_s": fp32_img_s,
         "onnx_speedup": speedup,
         "onnx_threads": int(threads) if threads else os.cpu_count(),
+        "cpu_isa": cpu_isa(),
     }, logits

@@ -49,6 +49,42 @@ def unsigned_range(bits):
     return 0, 2**bits - 1
 
 
+# What every int8 kernel of ONNX Runtime computes exactly, on any CPU. Its integer convs read
+# activations as uint8 and weights as int8. Without VNNI (x86 with AVX2 or AVX-512BW only) the
+# u8 x s8 kernels multiply and add pairs of neighbouring products in 16 bits (vpmaddubsw),
+# which saturates past 32,767; VNNI, AMX and ARM's dot products add in 32 bits. A layer whose
+# stored activations and weight codes keep every pair sum within int16 gets the same integer
+# result on all of them.
+INT16_MAX = 32767
+
+
+def stored_activation_max(activation_bits):
+    """The largest uint8 value a b-bit activation code is stored as: unsigned codes 0..2^b-1
+    with zero point 0, signed codes -2^(b-1)..2^(b-1)-1 shifted by 2^(b-1) (onnx_export)."""
+    return 2**activation_bits - 1
+
+
+def pair_sum_bound(activation_bits, weight_qmax):
+    """The largest |a1 w1 + a2 w2| a u8 x s8 kernel can form from a layer's stored inputs
+    and weight codes (|w| <= weight_qmax)."""
+    return 2 * stored_activation_max(activation_bits) * weight_qmax
+
+
+def weight_range(weight_bits, activation_bits):
+    """(qmin, qmax) of a quantized layer's weight codes: the narrow signed range of
+    weight_bits, cut to the widest symmetric range whose pair sums fit int16 where the
+    layer's inputs are integers too (`pair_sum_bound`). Only 8-bit weights on 8-bit inputs
+    are cut: 2 x 255 x 127 overflows, so they get [-64, 64] (129 levels, still stored in 8
+    bits; ONNX Runtime's `reduce_range` makes the same cut). Every other pair fits: 2-7 bit
+    weights (|w| <= 63) on any input, 8-bit weights on inputs of up to 7 bits (<= 127)."""
+    qmin, qmax = signed_range(weight_bits, narrow=True)
+    if activation_bits in QUANT_BITS:
+        limit = INT16_MAX // (2 * stored_activation_max(activation_bits))
+        qmax = min(qmax, limit)
+        qmin = -qmax
+    return qmin, qmax
+
+
 def weight_layers(model):
     """(name, module) of every Conv2d and Linear, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -66,6 +66,7 @@ from .precision import (  # noqa: F401  (check_bits and uniform_plan are re-expo
     signed_range,
     uniform_plan,
     unsigned_range,
+    weight_range,
 )
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -202,13 +203,15 @@ class WeightQuantizer(_LearnableScale, nn.Module):
     """Symmetric narrow-range weight quantizer. scale: (out_channels,) per channel, (1,) per
     tensor; set from the weight by `init_scale` (weights need no calibration data)."""
 
-    def __init__(self, bits, granularity="per_channel", method="minmax"):
+    def __init__(self, bits, granularity="per_channel", method="minmax", input_bits=None):
         super().__init__()
         self.bits = bits
         self.granularity = granularity
         self.method = method
         self.enabled = not is_fp32(bits)
-        self.qmin, self.qmax = signed_range(bits, narrow=True) if self.enabled else (0, 0)
+        # the codes an integer engine computes exactly on every CPU (precision.weight_range):
+        # 8-bit weights on 8-bit inputs are cut to [-64, 64]
+        self.qmin, self.qmax = weight_range(bits, input_bits) if self.enabled else (0, 0)
         self.register_buffer("scale", torch.ones(1))
 
     @property
@@ -373,7 +376,7 @@ class _QuantLayer:
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits
         self.input_quant = ActQuantizer(activation_bits)
-        self.weight_quant = WeightQuantizer(weight_bits, granularity, method)
+        self.weight_quant = WeightQuantizer(weight_bits, granularity, method, activation_bits)
         self.weight_quant.init_scale(self.weight)
 
     def quantized_weight(self):
@@ -716,13 +719,6 @@ def bias_correct_if_better(qmodel, fp32_model, loader, score, num_batches=None,
     return qmodel, False, without, with_
 
 
-def int8_code_factor(weight_bits_qmax):
-    """k = 127 // qmax: b-bit weight codes times k still fit int8. An integer engine given
-    k x codes at scale / k computes the same products, on an int32 bias grid k times finer
-    (onnx_export writes its weights so; `round_bias_to_int32_grid` uses the same k)."""
-    return max(127 // max(int(weight_bits_qmax), 1), 1)
-
-
 def batchnorm_factors(bias, bn, out_channels):
     """(per-output-channel factor g/sigma, folded bias), float64, of a layer followed by
     `bn` (a BatchNorm in eval mode, or None: factor 1, the bias itself)."""
@@ -755,11 +751,12 @@ def layers_with_batchnorm(model):
 
 def int32_bias_step(layer, factor):
     """The step of the int32 bias an integer engine adds to `layer`'s accumulator, per output
-    channel, after BatchNorm folding: input scale x |weight scale x factor| / k."""
+    channel, after BatchNorm folding: input scale x |weight scale x factor| (the file stores
+    the weight codes themselves, onnx_export)."""
     out_ch = factor.shape[0]
     w_scale = layer.weight_quant.scale.detach().double().reshape(-1).expand(out_ch)
     step = float(layer.input_quant.scale) * (w_scale * factor).abs()
-    return step.clamp_min(1e-30) / int8_code_factor(layer.weight_quant.qmax)
+    return step.clamp_min(1e-30)
 
 
 @torch.no_grad()

@@ -334,6 +334,13 @@ def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env, signum)
      ["--threads", "0"], "--threads: must be at least 1"),
     ("method: grid\nprogram: standin.py\nparameters: {results_dir: {values: [a, b]}}\n", [],
      "the results_dir parameter must be one directory"),
+    # every value is checked by the run's own rules before the first run starts
+    ("method: grid\nprogram: standin.py\nparameters: {weight_bits: {values: [8, 9]}}\n", [],
+     "parameter weight_bits: --weight_bits must be an integer in 2..8"),
+    ("method: grid\nprogram: standin.py\nparameters: {plan: {value: sensitivity}, "
+     "bitops_budget: {values: [w4a4, lots]}}\n", [], "parameter bitops_budget: --bitops_budget"),
+    ("method: random\nprogram: standin.py\nparameters: {calibration: {values: [mse, best]}}\n",
+     ["--count", "2"], "parameter calibration: --calibration"),
 ])
 def test_broken_sweep_yaml_is_one_clear_error(tmp_path, env, text, extra, message):
     path = tmp_path / "broken.yaml"

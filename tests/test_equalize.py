@@ -24,6 +24,23 @@ SHAPE = (1, 28, 28)
 META = {"arch": "cifar", "num_classes": 10, "width_multiplier": 0.25, "in_channels": 1}
 
 
+def with_narrow_channels(model, factor=16.0):
+    """`model` with every other channel of each depthwise conv's input made `factor` times
+    narrower where it is produced (its BatchNorm's scale and shift / factor) and its depthwise
+    filter `factor` times larger: channels of very different ranges behind one per-tensor
+    grid, the case equalization exists for, built into the network rather than left to the
+    luck of a short training. The function changes only where such a channel passed 6 (ReLU6
+    now cuts it at 6 x factor in its old units); tests compare against this network's own FP32
+    outputs. Returns the model."""
+    with torch.no_grad():
+        for bn, _, _, conv in depthwise_inputs(model):
+            narrow = torch.arange(bn.num_features) % 2 == 0
+            bn.weight[narrow] /= factor
+            bn.bias[narrow] /= factor
+            conv.weight[narrow] *= factor
+    return model
+
+
 def calibration(fashion_mnist, n=512):
     info, train, _, _ = fashion_mnist
     return BatchLoader(train.head(n), info, 128, channels_last=True)
@@ -102,21 +119,23 @@ def test_depthwise_weights_keep_their_integer_codes(fashion_mnist, fashion_mnist
 
 
 def test_4_bit_inputs_lose_less_once_equalized(fashion_mnist, fashion_mnist_model):
-    """The point of it: with 4-bit activations the equalized model's logits stay closer to
-    the FP32 ones (mean squared error over 1,000 real test images)."""
+    """The point of it: where a depthwise conv's input channels differ in range (built in:
+    `with_narrow_channels`), with 4-bit activations the equalized model's logits stay much
+    closer to the FP32 ones (mean squared error over 1,000 real test images)."""
     info, _, _, test = fashion_mnist
     loader, tl = calibration(fashion_mnist), eval_loader(test.head(1000), info)
+    model = with_narrow_channels(fashion_mnist_model)
     errors = []
     with torch_threads(1):
-        want, _ = predict(fashion_mnist_model, tl)
-        eq, _ = equalize_depthwise_inputs(fashion_mnist_model, loader, None)
-        for source in (fashion_mnist_model, eq):
+        want, _ = predict(model, tl)
+        eq, _ = equalize_depthwise_inputs(model, loader, None)
+        for source in (model, eq):
             q = quantize_model(source, (8, 4))
             calibrate(q, loader, "mse")
             convert(q)
             got, _ = predict(q, tl)
             errors.append(float(((got - want) ** 2).mean()))
-    assert errors[1] < errors[0], errors
+    assert errors[1] < 0.5 * errors[0], errors
 
 
 def test_equalized_model_exports_reloads_and_runs_in_onnx_runtime(

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mobilenet_compression import sensitivity as sens
-from mobilenet_compression.checkpoint import atomic_save
+from mobilenet_compression.checkpoint import atomic_save, model_from_checkpoint
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
 from tests.conftest import torch_threads
+from tests.test_equalize import with_narrow_channels
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
 
 
@@ -112,14 +113,20 @@ def test_an_equalized_table_prices_the_equalized_network_in_its_own_cache_entry(
     # convs' inputs lose far less at low bits. (Its weight cases differ a little too: with a
     # layer's weights quantized, a later channel may pass its calibration max, where the
     # equalized network's clamp cuts it, as the runs' quantizers do.)
+    # The checkpoint's depthwise inputs get channels of very different ranges by construction
+    # (test_equalize.with_narrow_channels), the case equalization is for.
+    ckpt = torch.load(small_checkpoint, weights_only=True)
+    ckpt["model"] = with_narrow_channels(model_from_checkpoint(ckpt)).state_dict()
+    path = tmp_path / "narrow.pt"
+    atomic_save(ckpt, path)
     kw = dict(batches=1, batch_size=64, bits=(3,), cache_dir=str(tmp_path / "cache"),
               verbose=False, rounding="nearest")
     with torch_threads(1):
-        plain, _ = sens.sensitivity(str(small_checkpoint), equalize=False, **kw)
-        equalized, cached = sens.sensitivity(str(small_checkpoint), equalize=True, **kw)
+        plain, _ = sens.sensitivity(str(path), equalize=False, **kw)
+        equalized, cached = sens.sensitivity(str(path), equalize=True, **kw)
     assert cached is False and equalized["equalize"] and not plain["equalize"]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
-    model = torch.load(small_checkpoint, weights_only=True)["model"]
+    model = ckpt["model"]
     depthwise = [n[:-len(".weight")] for n, t in model.items()
                  if n.endswith(".weight") and t.dim() == 4 and t.shape[1] == 1
                  and n != "features.0.0.weight"]  # the stem: one input channel, FP32
