@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mobilenet_compression import onnx_export as ox  # noqa: E402
+from mobilenet_compression.cpu import cpu_isa  # noqa: E402
 from mobilenet_compression.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
 from mobilenet_compression.model import build_model  # noqa: E402
@@ -137,6 +138,7 @@ def main():
         base = statistics.median(speeds["ONNX Runtime FP32"])
         width = (f"{ckpt['width_multiplier']:g} ({args.checkpoint})" if args.checkpoint
                  else f"{args.width:g} (random weights)")
+        print(f"CPU int8 instructions (cpu_isa): {cpu_isa()}")
         print(f"width {width}, batch {args.batch_size}, {args.threads} threads, images/s "
               f"(median of 3 rounds x {args.repeats} passes); x ONNX Runtime FP32 (ONNX "
               f"Runtime rows: the median of 3 rounds' medians of pass-against-pass ratios, "
