@@ -369,8 +369,7 @@ def int16_pair_bounds(proto):
     initializer). The stored inputs' largest value is the upper bound of the uint8 Clip that
     produced them, else 255 (a QuantizeLinear to uint8). A static bound on the codes: it
     holds for any input image."""
-    from onnx import numpy_helper
-
+    _, _, numpy_helper = _onnx()
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
     bounds = {}
