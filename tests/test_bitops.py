@@ -7,7 +7,6 @@ where seed 003 ignored the depthwise groups), not computed with the code under t
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -149,14 +148,17 @@ def test_adaptive_between_fixed_2_and_8(cifar, imagenet):
         assert {wb for wb, _ in adaptive.values()} == {2, 4, 8}
 
 
-def test_report_does_not_touch_the_model_and_is_fast(cifar):
+def test_report_does_not_touch_the_model(cifar):
+    # Counting is static: the model keeps its mode, device and every tensor. (How long a
+    # report takes is a benchmark figure, not a test: machines differ in speed.)
     cifar.train()
-    bitops.bitops_report(cifar, 32, {})  # warm-up: first-call imports/dispatch caches
-    start = time.perf_counter()
+    before = {k: v.clone() for k, v in cifar.state_dict().items()}
     bitops.bitops_report(cifar, 32, bitops.uniform_plan(cifar, 4, 4))
-    assert time.perf_counter() - start < 1.0
     assert cifar.training
     assert next(cifar.parameters()).device.type == "cpu"
+    after = cifar.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_plans_are_rejected(cifar):

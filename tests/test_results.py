@@ -27,14 +27,15 @@ CHECKPOINTS = [("fashion-mnist-w0.35", 18, 42, 92.5), ("fashion-mnist-w0.35-e30"
 # move a test image or two. The 18-epoch grid predates three changes in how the same model is
 # computed (BatchNorm folded for evaluation, biases on the int32 grid, bias correction's
 # channel means summed in float32): re-run today, its cell moves by 5 to 7 of the 10,000 test
-# images (92.53 and 92.55 against 92.48), so it gets 10.
+# images (92.53 and 92.55 against 92.48) on the AVX-512 VNNI machines, and by 12 on an
+# AVX2-only one (92.36), so it gets 20.
 # The grid of today's defaults (GPTQ rounding, --equalize on) is bit-identical here too, but
 # GPTQ's rounding cascades from any change in float summation order (README,
 # Reproducibility), so another CPU may move its cell by up to the W4A8 seed spread (about
 # 0.1). (The older 30-epoch grids, bits.yaml and gptq.yaml, re-ran the same way until this
 # one replaced them here: one cell of the defaults' grid and one of the oldest grid keep the
 # suite's time down.)
-RERUN_TOLERANCE = {("fashion-mnist-w0.35", "bits.yaml"): 0.1,
+RERUN_TOLERANCE = {("fashion-mnist-w0.35", "bits.yaml"): 0.2,
                    ("fashion-mnist-w0.35-e30", "grid-eq.yaml"): 0.1}
 
 
