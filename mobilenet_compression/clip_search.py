@@ -28,13 +28,9 @@ held-out images (`search_clips_if_better`; run.py: train.py's validation split, 
 
 import torch
 
+from .divergence import FACTORS, FINE, best_clip, feature_block, head, kl
 from .quantization import _act_quantizers, _calibration_batch, quant_layers
-from .sensitivity import _head, _kl  # the sensitivity table's measure and model tail
 
-# Candidate clips: the current one times these factors (half-octave steps, 0.5x to 2x), then
-# the best of them times FINE (quarter-octave neighbours).
-FACTORS = tuple(2.0 ** (k / 2) for k in range(-2, 3))
-FINE = (2.0 ** -0.25, 2.0 ** 0.25)
 SEARCH_BATCHES = 1  # calibration batches (of --calib_batch_size images) the KL is taken on
 
 
@@ -43,17 +39,16 @@ def _set_scales(quantizers, scales):
         q.set_qparams(scale=scale, signed=q.signed)
 
 
-def _block_of(name):
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "features" and len(parts) > 1 else None
+_block_of = feature_block  # (a module attribute: a test runs the search without the shortcut)
 
 
 @torch.no_grad()
 def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors=FACTORS,
-                 fine=FINE, progress=None):
-    """Move every calibrated activation clip of `qmodel` to the candidate with the smallest
-    KL(fp32 || quantized) on the first `num_batches` batches of `loader` (a BatchLoader over
-    the TRAIN split; anything else is a UserError). Call after `calibrate`. Returns
+                 fine=FINE, progress=None, only=None):
+    """Move every calibrated activation clip of `qmodel` (or those of the layers named in
+    `only`) to the candidate with the smallest KL(fp32 || quantized) on the first
+    `num_batches` batches of `loader` (a BatchLoader over the TRAIN split; anything else is a
+    UserError). Call after `calibrate`. Returns
     {"changes": [(layer name, old clip, new clip)], "kl_before": ..., "kl_after": ...}."""
     x = _calibration_batch(loader, num_batches, "the clip search")
     was_training = qmodel.training
@@ -63,10 +58,11 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
         with torch.inference_mode():
             ref = torch.log_softmax(fp32_model(x).float(), 1)
         enabled = set(map(id, _act_quantizers(qmodel)))
-        layers = [(n, m) for n, m in quant_layers(qmodel) if id(m.input_quant) in enabled]
+        layers = [(n, m) for n, m in quant_layers(qmodel) if id(m.input_quant) in enabled
+                  and (only is None or n in only)]
         blocked = hasattr(qmodel, "features") and hasattr(qmodel, "classifier") and \
             all(_block_of(n) is not None for n, _ in layers)
-        changes, kl_before, kl = [], None, None
+        changes, kl_before, kl_now = [], None, None
         h, at = x, 0  # the quantized network's input to block `at`
         for name, layer in layers:
             q = layer.input_quant
@@ -80,33 +76,19 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
             def score():
                 with torch.inference_mode():
                     if k is None:
-                        return _kl(ref, qmodel(x))
+                        return kl(ref, qmodel(x))
                     out = h.clone()  # a layer may quantize its exclusive input in place
                     for block in qmodel.features[k:]:
                         out = block(out)
-                    return _kl(ref, _head(qmodel, out))
+                    return kl(ref, head(qmodel, out))
 
-            old = float(q.scale) * q.qmax
-            tried = {old: score()}
-
-            def trial(clip):
-                clip = min(clip, q.absmax)
-                if clip not in tried:
-                    q.set_qparams(clip=clip, signed=q.signed)
-                    tried[clip] = score()
-            for f in factors:  # coarse, then the two neighbours of the best halfway between
-                trial(old * f)
-            best = min(tried, key=tried.get)
-            for f in fine:
-                trial(best * f)
-            best = min(tried, key=tried.get)
-            q.set_qparams(clip=best, signed=q.signed)
+            old, best, kl_old, kl_best = best_clip(q, score, factors, fine)
             changes.append((name, old, best))
-            kl_before = tried[old] if kl_before is None else kl_before
-            kl = tried[best]
+            kl_before = kl_old if kl_before is None else kl_before
+            kl_now = kl_best
             if progress:
                 progress()
-        return {"changes": changes, "kl_before": kl_before, "kl_after": kl}
+        return {"changes": changes, "kl_before": kl_before, "kl_after": kl_now}
     finally:
         qmodel.train(was_training)
 

@@ -95,14 +95,20 @@ def default_rounding(method):
     return "nearest" if method == "qat" else "gptq"
 
 
+# --calibration auto: activations of this many bits or fewer get the clip search.
+LOSS_MAX_BITS = 3
+# The run's choices: the quantizers' own, and `auto`, each layer's default by its own bits.
+CALIBRATIONS = CALIBRATION_METHODS + ("auto",)
+
+
 def default_calibration(activation_bits):
-    """--calibration when not given: `loss` (clip_search.py) for activations of 3 bits or
-    fewer, where each input's own least squared error chose clips that broke the network
+    """--calibration auto (the default), for one layer's or one uniform run's activation
+    bits: `loss` (clip_search.py) for activations of LOSS_MAX_BITS or fewer, where each input's own least squared error chose clips that broke the network
     (W8A3 31.15% mean over three 30-epoch seeds with `mse`, 85.26% with `loss`; W8A2 38.49%
     against 75.96% on the width-1.0 checkpoint), and `mse` at 4 bits and more, where the two
     tied on those seeds (mean differences -0.22 to +0.41 point a cell, either sign), so the
     search's time would buy nothing (README)."""
-    return "loss" if activation_bits <= 3 else "mse"
+    return "loss" if activation_bits <= LOSS_MAX_BITS else "mse"
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,9 @@ class RunConfig:
     weight_bits: int = 8
     activation_bits: int = 8
     method: str = "ptq"
-    calibration: str | None = None  # None: default_calibration(activation_bits)
+    # None or "auto": default_calibration(activation_bits) in a uniform run (the method
+    # itself is recorded); in a mixed plan, "auto": each layer's by its own activation bits
+    calibration: str | None = None
     calib_batches: int = 8
     calib_batch_size: int = 128
     weight_method: str = "minmax"
@@ -157,9 +165,12 @@ class RunConfig:
         v["weight_bits"] = check_bits(v["weight_bits"], "--weight_bits")
         v["activation_bits"] = check_bits(v["activation_bits"], "--activation_bits")
         v["method"] = _choice(v["method"], METHODS, "--method")
+        v["plan"] = _choice(v["plan"], PLANS, "--plan")
         if v["calibration"] in (None, ""):
+            v["calibration"] = "auto"
+        v["calibration"] = _choice(v["calibration"], CALIBRATIONS, "--calibration")
+        if v["calibration"] == "auto" and v["plan"] == "uniform":
             v["calibration"] = default_calibration(v["activation_bits"])
-        v["calibration"] = _choice(v["calibration"], CALIBRATION_METHODS, "--calibration")
         v["weight_method"] = _choice(v["weight_method"], WEIGHT_METHODS, "--weight_method")
         if v["weight_rounding"] in (None, ""):
             v["weight_rounding"] = default_rounding(v["method"])
@@ -187,7 +198,6 @@ class RunConfig:
         v["distill"] = parse_bool(v["distill"], "--distill")
         v["equalize"] = parse_bool(v["equalize"], "--equalize")
         v["engine"] = _choice(v["engine"], ENGINES, "--engine")
-        v["plan"] = _choice(v["plan"], PLANS, "--plan")
         given = [f for f in ("bitops_budget", "size_budget_mb") if v[f] not in (None, "")]
         if v["plan"] == "sensitivity":
             if not given:

@@ -154,3 +154,31 @@ def sensitivity_plan(model, input_size, table, budget=None, bits=QUANT_BITS, siz
     if len(plan) != len(names) or (budget is not None and counted > budget):
         raise RuntimeError(f"the solver's plan breaks the budget: {counted} > {budget} BitOps")
     return plan
+
+
+def best_uniform(model, input_size, table, budget=None, size=None, bits=QUANT_BITS):
+    """(weight bits, activation bits) of the uniform plan with the least summed sensitivity
+    (the objective sensitivity_plan minimises) among those within the BitOps budget (counted
+    by bitops.py) and/or the size budget (`size` = (fixed bytes, byte budget), predicted as
+    sensitivity_plan predicts it); None when no uniform plan fits."""
+    from .precision import weight_layers
+
+    names = quantized_layer_names(model)
+    params = {n: m.weight.numel() for n, m in weight_layers(model)}
+    best, best_cost = None, math.inf
+    for w in bits:
+        for a in bits:
+            cost = sum(table["weight"][n][str(w)] + table["activation"][n][str(a)]
+                       for n in names)
+            if cost >= best_cost:
+                continue
+            if budget is not None and bitops_report(
+                    model, input_size, uniform_plan(model, w, a))[1]["bitops"] > budget:
+                continue
+            if size is not None:
+                fixed, limit = size
+                if fixed + sum(math.ceil(params[n] * w / 8) for n in names) > \
+                        limit - SIZE_MARGIN:
+                    continue
+            best, best_cost = (w, a), cost
+    return best

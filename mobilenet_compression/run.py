@@ -47,13 +47,14 @@ from . import bitops, fp32_stats, onnx_export, results, threads
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .clip_search import search_clips_if_better
 from .config import (
-    CALIBRATION_METHODS,
+    CALIBRATIONS,
     ENGINES,
     METHODS,
     PLANS,
     WEIGHT_GRANULARITIES,
     WEIGHT_METHODS,
     RunConfig,
+    default_calibration,
 )
 from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
@@ -61,7 +62,7 @@ from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
 from .equalize import equalize_depthwise_inputs
 from .export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
-from .precision import mean_bits
+from .precision import is_fp32, mean_bits
 from .qat import train_qat
 from .quantization import (bias_correct, bias_correct_if_better, calibrate, convert,
                            precision_plan, quantize_model)
@@ -98,12 +99,13 @@ def get_args_parser():
     p.add_argument("--method", default=d.method, choices=METHODS,
                    help="ptq: post-training quantization; qat: then fine-tune weights and "
                         "learned step sizes (LSQ) (default: %(default)s)")
-    p.add_argument("--calibration", default=d.calibration, choices=CALIBRATION_METHODS,
+    p.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
                    help="activation range calibration: absmax, 99.99th percentile, least "
                         "squared error per input, or mse then each clip moved to where the "
                         "network's output is closest to FP32's (clip_search.py), kept only "
-                        "if it scores higher on the validation images (default: loss "
-                        "with activations of 3 bits or fewer, else mse)")
+                        "if it scores higher on the validation images; auto: loss for "
+                        "activations of 3 bits or fewer, else mse, layer by layer in a "
+                        "mixed plan (default: %(default)s)")
     p.add_argument("--calib_batches", type=int, default=d.calib_batches,
                    help="calibration batches of training images (default: %(default)s)")
     p.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size,
@@ -365,7 +367,8 @@ def quantize_and_measure(config, run, loaded, progress):
     checkpoint_sha256 = file_digest(config.checkpoint)
     key = f"{checkpoint_sha256[:16]}:{len(test)}:{device.type}"
     progress.start("plan")  # a budget no plan meets fails here, before anything is written
-    plan, budget, size_limit = run_plan(config, ckpt, fp32, info, train)
+    plan, planning = run_plan(config, ckpt, fp32, info, train)
+    budget, size_limit = planning["budget"], planning["size"] and planning["size"][1]
     progress.start("baseline")
     baseline_acc = baseline_accuracy(fp32, test_loader, out_dir, key)
     progress.done["baseline_acc"] = baseline_acc
@@ -387,18 +390,6 @@ def quantize_and_measure(config, run, loaded, progress):
     if config.bias_correction:  # True or "auto"
         means = fp32_stats.channel_means(source, calib_loader, config.calib_batches,
                                          stats_key, config.equalize)
-    qmodel = quantize_model(source, plan,
-                            weight_granularity=config.weight_granularity,
-                            weight_method=config.weight_method)
-    # --calibration loss: the `mse` clips, then moved by the network's output (clip_search)
-    # once the weights are final, i.e. after GPTQ: searched before it, with nearest-rounded
-    # weights, the clips fitted errors GPTQ then removed (W3A4 1.8 points under mse, seed 42).
-    calibrate(qmodel, calib_loader, num_batches=config.calib_batches, seed=config.seed,
-              method="mse" if config.calibration == "loss" else config.calibration)
-    if config.weight_rounding == "gptq":
-        progress.start("round")
-        gptq(qmodel, calib_loader)
-        progress.start("calibrate")  # bias correction is timed with calibration
     # Both held-out choices (the searched clips, the bias correction) score on the validation
     # images train.py kept out of training; the first one's score is the second's "without".
     val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
@@ -406,34 +397,12 @@ def quantize_and_measure(config, run, loaded, progress):
     def val_score(model):
         return evaluate(model, val_loader, fold=True)
 
-    chosen, score_now = {}, None
-    if config.calibration == "loss":
-        progress.start("clip_search")
-        found = search_clips_if_better(qmodel, source, calib_loader, val_score)
-        progress.start("calibrate")
-        moved = sum(new != old for _, old, new in found["changes"])
-        chosen = {"clip_search_used": found["used"],
-                  "clip_search_val_acc_mse": found["score_start"],
-                  "clip_search_val_acc_searched": found["score_searched"]}
-        score_now = found["score_searched"] if found["used"] else found["score_start"]
-        print(f"clip search: {moved} of {len(found['changes'])} activation clips moved; "
-              f"KL(FP32 || quantized) on its images {found['kl_before']:.4f} -> "
-              f"{found['kl_after']:.4f}; {'searched' if found['used'] else 'mse'} clips kept "
-              f"({found['score_searched']:.2f}% searched, {found['score_start']:.2f}% mse, "
-              f"on {len(val)} validation images)", flush=True)
-    if config.bias_correction == "auto":
-        qmodel, used, without, with_ = bias_correct_if_better(
-            qmodel, source, calib_loader, val_score, num_batches=config.calib_batches,
-            fp32_means=means, score_without=score_now)
-        chosen.update({"bias_correction_used": used, "bias_correction_val_acc_without": without,
-                       "bias_correction_val_acc_with": with_})
-        score_now = with_ if used else without
-        print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
-              f"{without:.2f}% without, on {len(val)} validation images)", flush=True)
-    elif config.bias_correction:
-        bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches,
-                     fp32_means=means)
-        score_now = None  # the corrected model has not been scored
+    qmodel, chosen, score_now, layer_calibration = post_training_quantize(
+        config, plan, source, calib_loader, means, val_score, progress)
+    if config.plan == "sensitivity":
+        qmodel, chosen, score_now, layer_calibration = keep_plan_or_uniform(
+            config, (qmodel, chosen, score_now, layer_calibration), planning, fp32, info,
+            source, calib_loader, means, val_score, progress)
     qat = {}
     if config.method == "qat":
         progress.start("qat")
@@ -514,16 +483,108 @@ def quantize_and_measure(config, run, loaded, progress):
           f"{size['compressed_mb']:.3f} MB (x{size['compression_ratio']:.2f}), "
           f"{totals['bitops'] / 1e9:.3f} GBitOps -> {model_path}")
     if run is not None:
-        log_run(run, metrics, rows, model_path, ckpt, config)
+        log_run(run, metrics, [{**r, "calibration": layer_calibration.get(r["name"], "fp32")}
+                               for r in rows], model_path, ckpt, config)
     row = {"run_id": run_id, **metrics, "checkpoint": config.checkpoint,
            "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"]}
     return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
 
 
+def post_training_quantize(config, plan, source, calib_loader, means, val_score, progress):
+    """prepare -> calibrate [-> gptq] [-> clip search] [-> bias correction] for one precision
+    plan. Returns (qmodel, the held-out choices made, the final validation score or None,
+    {layer: the calibration it got})."""
+    qmodel = quantize_model(source, plan,
+                            weight_granularity=config.weight_granularity,
+                            weight_method=config.weight_method)
+    # --calibration loss (and auto, for the layers it gives loss): the `mse` clips, then
+    # moved by the network's output (clip_search) once the weights are final, i.e. after
+    # GPTQ: searched before it, with nearest-rounded weights, the clips fitted errors GPTQ
+    # then removed (W3A4 1.8 points under mse, seed 42).
+    base = "mse" if config.calibration in ("loss", "auto") else config.calibration
+    calibrate(qmodel, calib_loader, num_batches=config.calib_batches, seed=config.seed,
+              method=base)
+    if config.weight_rounding == "gptq":
+        progress.start("round")
+        gptq(qmodel, calib_loader)
+        progress.start("calibrate")  # bias correction is timed with calibration
+    layers = precision_plan(qmodel)
+    searched = {n for n, (_, ab) in layers.items() if not is_fp32(ab) and (
+        config.calibration == "loss" or (config.calibration == "auto" and
+                                         default_calibration(ab) == "loss"))}
+    chosen, score_now = {}, None
+    if searched:
+        progress.start("clip_search")
+        found = search_clips_if_better(qmodel, source, calib_loader, val_score, only=searched)
+        progress.start("calibrate")
+        moved = sum(new != old for _, old, new in found["changes"])
+        chosen = {"clip_search_used": found["used"],
+                  "clip_search_val_acc_mse": found["score_start"],
+                  "clip_search_val_acc_searched": found["score_searched"],
+                  "clip_search_layers": len(searched)}
+        score_now = found["score_searched"] if found["used"] else found["score_start"]
+        print(f"clip search: {moved} of {len(found['changes'])} activation clips moved; "
+              f"KL(FP32 || quantized) on its images {found['kl_before']:.4f} -> "
+              f"{found['kl_after']:.4f}; {'searched' if found['used'] else 'mse'} clips kept "
+              f"({found['score_searched']:.2f}% searched, {found['score_start']:.2f}% mse, "
+              f"on the validation images)", flush=True)
+    layer_calibration = {n: "loss" if n in searched and chosen["clip_search_used"] else base
+                         for n, (_, ab) in layers.items() if not is_fp32(ab)}
+    if config.bias_correction == "auto":
+        qmodel, used, without, with_ = bias_correct_if_better(
+            qmodel, source, calib_loader, val_score, num_batches=config.calib_batches,
+            fp32_means=means, score_without=score_now)
+        chosen.update({"bias_correction_used": used, "bias_correction_val_acc_without": without,
+                       "bias_correction_val_acc_with": with_})
+        score_now = with_ if used else without
+        print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
+              f"{without:.2f}% without, on the validation images)", flush=True)
+    elif config.bias_correction:
+        bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches,
+                     fp32_means=means)
+        score_now = None  # the corrected model has not been scored
+    return qmodel, chosen, score_now, layer_calibration
+
+
+def keep_plan_or_uniform(config, planned, planning, fp32, info, source, calib_loader, means,
+                         val_score, progress):
+    """A sensitivity plan against the best uniform configuration within the same budget
+    (planner.best_uniform: the least summed sensitivity among the uniform plans whose BitOps,
+    or predicted file size, fit), each quantized as the run quantizes, scored on the
+    validation images; the better one is kept (a tie keeps the plan). Returns the kept
+    model's (qmodel, chosen, score, layer calibration), its choices with `plan_kept`,
+    `plan_val_acc`, `uniform_val_acc` and `uniform_rival` added."""
+    from . import planner
+
+    qmodel, chosen, score, layer_calibration = planned
+    rival = planner.best_uniform(fp32, info.input_size, planning["table"],
+                                 planning["budget"], size=planning["size"])
+    plan = precision_plan(qmodel)
+    if rival is None or set(plan.values()) == {rival}:
+        return qmodel, {**chosen, "plan_kept": "plan"}, score, layer_calibration
+    print(f"the plan against uniform W{rival[0]}A{rival[1]}, the best uniform configuration "
+          f"within the same budget:", flush=True)
+    uniform = post_training_quantize(config, rival, source, calib_loader, means, val_score,
+                                     progress)
+    scores = [score if score is not None else val_score(qmodel),
+              uniform[2] if uniform[2] is not None else val_score(uniform[0])]
+    keep_plan = scores[0] >= scores[1]
+    kept = planned if keep_plan else uniform
+    print(f"kept the {'plan' if keep_plan else 'uniform configuration'} ({scores[0]:.2f}% "
+          f"plan, {scores[1]:.2f}% uniform W{rival[0]}A{rival[1]}, on the validation images)",
+          flush=True)
+    return kept[0], {**kept[1], "plan_kept": "plan" if keep_plan else "uniform",
+                     "plan_val_acc": scores[0], "uniform_val_acc": scores[1],
+                     "uniform_rival": f"w{rival[0]}a{rival[1]}"}, \
+        scores[0] if keep_plan else scores[1], kept[3]
+
+
 def choice_words(config, chosen):
     words = ""
-    if config.calibration == "loss":
-        words = f", clips {'searched' if chosen['clip_search_used'] else 'from mse'}"
+    if "plan_kept" in chosen and chosen["plan_kept"] == "uniform":
+        words = f", uniform {chosen['uniform_rival'].upper()} kept over the plan"
+    if "clip_search_used" in chosen:
+        words += f", clips {'searched' if chosen['clip_search_used'] else 'from mse'}"
     if config.bias_correction == "auto":
         return words + (f", bias correction auto: "
                         f"{'on' if chosen['bias_correction_used'] else 'off'}")
@@ -531,12 +592,13 @@ def choice_words(config, chosen):
 
 
 def run_plan(config, ckpt, fp32, info, train):
-    """(the precision plan quantize_model takes, the BitOps budget or None, the size budget
-    in bytes or None)."""
+    """(the precision plan quantize_model takes, {"budget": BitOps or None, "size": (fixed
+    bytes, byte budget) or None, "table": the sensitivity table or None})."""
+    none = {"budget": None, "size": None, "table": None}
     if config.plan == "uniform":
-        return (config.weight_bits, config.activation_bits), None, None
+        return (config.weight_bits, config.activation_bits), none
     if config.plan == "adaptive":
-        return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), None, None
+        return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), none
     from . import planner, sensitivity
 
     budget = size = None
@@ -548,11 +610,15 @@ def run_plan(config, ckpt, fp32, info, train):
         size = (fixed, planner.parse_size_budget(config.size_budget_mb, fixed, fp32))
     n = config.sensitivity_images  # 256 (the default) is the CLI's 2 x 128: the same cache
     batches, batch_size = (n // 128, 128) if n % 128 == 0 else (1, n)
-    table, _ = sensitivity.sensitivity(config.checkpoint, config.data_dir, batches, batch_size,
-                                       rounding=config.weight_rounding,
-                                       equalize=config.equalize)
+    # Each layer priced with the calibration it will get: its clip searched at the bits
+    # where --calibration auto searches it (`loss` searches every layer, but at 4 bits and
+    # more it ties with mse), else the run's own method.
+    table, _ = sensitivity.sensitivity(
+        config.checkpoint, config.data_dir, batches, batch_size,
+        calibration="auto" if config.calibration in ("auto", "loss") else config.calibration,
+        rounding=config.weight_rounding, equalize=config.equalize)
     plan = planner.sensitivity_plan(fp32, info.input_size, table, budget, size=size)
-    return plan, budget, size and size[1]
+    return plan, {"budget": budget, "size": size, "table": table}
 
 
 def plan_bits(rows):
@@ -586,8 +652,8 @@ def log_run(run, metrics, rows, model_path, ckpt, config):
 
     run.summary.update({**metrics, "status": results.FINISHED})
     columns = ["name", "type", "in_channels", "out_channels", "kernel", "stride",
-               "input_hw", "output_hw", "macs", "weight_bits", "activation_bits", "bitops",
-               "bitops_share", "weight_bitops"]
+               "input_hw", "output_hw", "macs", "weight_bits", "activation_bits", "calibration",
+               "bitops", "bitops_share", "weight_bitops"]
     total = sum(r["bitops"] for r in rows)
     table = wandb.Table(columns=columns, data=[
         ["x".join(map(str, r[c])) if isinstance(r[c], tuple) else r[c] for c in columns]

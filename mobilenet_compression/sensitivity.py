@@ -4,7 +4,9 @@
 
 For each quantized layer (every Conv2d/Linear but the stem and the classifier) and each bit
 width b in 2..8: the layer's weights at b bits (everything else FP32), and separately its
-input activation at b bits (calibrated with `mse` on the same images). The weights are
+input activation at b bits, calibrated on the same images as the runs calibrate it (`mse`,
+and at 3 bits or fewer, where a run searches its clip by the network's output, the clip
+with the least KL among the clip search's candidates). The weights are
 rounded as the runs round them (`rounding`): to the nearest grid point, or by GPTQ
 (rounding.py, the default for post-training runs) on that layer's own FP32 inputs over the
 first GPTQ_IMAGES of the images, at every width GPTQ rounds (2..GPTQ_MAX_BITS). GPTQ makes
@@ -33,6 +35,7 @@ import time
 
 import torch
 
+from .divergence import best_clip, head, kl
 from .environment import cache_folder
 from .errors import ArgumentParser, UserError, cli
 from .files import atomic_write
@@ -45,20 +48,9 @@ def default_cache_dir():
     return cache_folder("sensitivity")
 
 
-def _kl(ref_logp, logits):
-    logp = torch.log_softmax(logits.float(), 1)
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(1).mean())
-
-
 def _forward(model, images):
     with torch.inference_mode():
         return torch.cat([model(x) for x in images])
-
-
-def _head(model, h):
-    """The rest of torchvision's MobileNetV2.forward after `features`."""
-    h = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, (1, 1)), 1)
-    return model.classifier(h)
 
 
 class _Suffix:
@@ -82,7 +74,7 @@ class _Suffix:
                 for block in features:
                     self.inputs.append(h)
                     h = block(h)
-                self.fp32_logits = _head(fp32, h)
+                self.fp32_logits = head(fp32, h)
         else:
             self.fp32_logits = _forward(fp32, images)
 
@@ -95,7 +87,7 @@ class _Suffix:
             h = self.inputs[k].clone()  # a layer may quantize its exclusive input in place
             for block in model.features[k:]:
                 h = block(h)
-            return _head(model, h)
+            return head(model, h)
 
 
 def _fp32_hessians(fp32, images, names):
@@ -118,12 +110,18 @@ def _fp32_hessians(fp32, images, names):
     return hs
 
 
-def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None,
+def measure(fp32, loader, batches, bits=BITS, calibration="auto", progress=None,
             rounding="nearest"):
     """{"layers": [...], "weight": {layer: {"bits": kl}}, "activation": {layer: {...}}}
     for `fp32` on the first `batches` batches of `loader` (a BatchLoader over the TRAIN
     split; anything else is a UserError). `rounding`: "nearest" or "gptq" (each layer's
-    weights GPTQ-rounded on its own FP32 inputs, where the runs' GPTQ rounds them)."""
+    weights GPTQ-rounded on its own FP32 inputs, where the runs' GPTQ rounds them).
+    `calibration`: how each input is calibrated, as the runs calibrate it: "auto" (the
+    runs' default) is `mse`, then at the bits where a run searches the clip
+    (config.default_calibration gives `loss`) the layer's clip moved to the candidate with
+    the least KL (divergence.best_clip, as the run's clip search moves it); any other
+    method is used as it is."""
+    from .config import default_calibration
     from .quantization import (
         _training_batches, calibrate, quant_layers, quantize_model)
     from .rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
@@ -160,19 +158,25 @@ def measure(fp32, loader, batches, bits=BITS, calibration="mse", progress=None,
                 with torch.no_grad():  # on its grid: the quantizer leaves it as it is
                     layer.weight.copy_(q(gptq_weight(layer.weight, q.scale, q.qmin, q.qmax,
                                                      hessians[name]), impl="tensor"))
-            out["weight"].setdefault(name, {})[str(b)] = _kl(ref, suffix(wq, name))
+            out["weight"].setdefault(name, {})[str(b)] = kl(ref, suffix(wq, name))
             if original is not None:
                 with torch.no_grad():
                     layer.weight.copy_(original)
             if progress:
                 progress()
         aq = quantize_model(fp32, (32, b)).eval()
-        calibrate(aq, loader, calibration, total)  # observes FP32 inputs: every layer alone
+        search = calibration == "auto" and default_calibration(b) == "loss"
+        calibrate(aq, loader, "mse" if calibration == "auto" else calibration,
+                  total)  # observes FP32 inputs: every layer alone
         layers = quant_layers(aq)
         for name, layer in layers:
             for _, other in layers:
                 other.input_quant.mode = "quantize" if other is layer else "off"
-            out["activation"].setdefault(name, {})[str(b)] = _kl(ref, suffix(aq, name))
+            if search:
+                *_, best = best_clip(layer.input_quant, lambda: kl(ref, suffix(aq, name)))
+                out["activation"].setdefault(name, {})[str(b)] = best
+            else:
+                out["activation"].setdefault(name, {})[str(b)] = kl(ref, suffix(aq, name))
             if progress:
                 progress()
     return out
@@ -186,7 +190,7 @@ def cache_key(checkpoint_sha256, batches, batch_size, bits, calibration, roundin
 
 
 def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
-                calibration="mse", cache_dir=None, verbose=True, rounding="gptq",
+                calibration="auto", cache_dir=None, verbose=True, rounding="gptq",
                 equalize=True):
     """The sensitivity table of a checkpoint, from the cache when it holds it; `rounding`
     is the weight rounding of the runs it prices ("gptq", the post-training default, or
@@ -315,6 +319,12 @@ def main(argv=None):
     p.add_argument("--equalize", default="true", metavar="{true,false}",
                    help="price the network runs with --equalize true (the default) quantize "
                         "(equalize.py), or the checkpoint's own (default: true)")
+    p.add_argument("--calibration", default="auto",
+                   choices=("auto", "mse", "minmax", "percentile"),
+                   help="how each input is calibrated, as the runs it prices calibrate it: "
+                        "auto (the runs' default: mse, and at 3 bits or fewer each clip then "
+                        "moved to where the outputs are closest to FP32's), or one method "
+                        "(default: %(default)s)")
     p.add_argument("--heatmap", default=None, help="write the layer x bits heat map here (PNG)")
     p.add_argument("--cache_dir", default=None, help="cache folder (default: "
                    "$MOBILENET_COMPRESSION_CACHE/sensitivity or ~/.cache/...)")
@@ -328,11 +338,12 @@ def main(argv=None):
     equalize = parse_bool(args.equalize, "--equalize")
     threads.set_threads(args.threads)
     table, cached = sensitivity(args.checkpoint, args.data_dir, args.batches, args.batch_size,
-                                cache_dir=args.cache_dir, rounding=args.weight_rounding,
-                                equalize=equalize)
+                                calibration=args.calibration, cache_dir=args.cache_dir,
+                                rounding=args.weight_rounding, equalize=equalize)
     print(format_table(table))
     print(f"{len(table['layers'])} layers x {len(BITS)} bit widths x weights/activations on "
-          f"{table['images']} training images, {args.weight_rounding} weight rounding"
+          f"{table['images']} training images, {args.weight_rounding} weight rounding, "
+          f"{args.calibration} calibration"
           f"{', equalized' if equalize else ''}: "
           + ("from the cache" if cached else f"measured in {table['seconds']:.0f} s"))
     if args.heatmap:

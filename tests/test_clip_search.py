@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from mobilenet_compression import clip_search
+from mobilenet_compression import clip_search, divergence
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
 from mobilenet_compression.quantization import (_act_quantizers, calibrate, quant_layers,
@@ -24,7 +24,7 @@ def _loader(fashion_mnist, n=256, batch=128):
 def _kl_on(qmodel, fp32, x):
     with torch.inference_mode():
         ref = torch.log_softmax(fp32(x), 1)
-        return clip_search._kl(ref, qmodel(x))
+        return divergence.kl(ref, qmodel(x))
 
 
 def _clips(qmodel):

@@ -129,11 +129,24 @@ def test_sensitivity_plan_run_logs_mean_bits_meets_its_budget_and_reloads(
     row = pd.read_csv(res / "runs" / "runs.csv").iloc[0]
     assert row.plan == "sensitivity" and row.bitops <= row.bitops_budget
     assert row.sensitivity_images == 32
-    assert row.weight_bits != int(row.weight_bits) or row.activation_bits != int(
-        row.activation_bits)  # mean bits of a mixed plan
     assert row.roundtrip_max_abs_diff == 0.0
     (path,) = (res / "runs" / "models").glob("*sensitivity*.safetensors")
-    assert len(set(precision_plan(load_quantized(str(path))).values())) > 1  # packed mixed
+    kept = set(precision_plan(load_quantized(str(path))).values())
+    # The plan is kept unless the best uniform configuration within the budget scored
+    # higher on the validation images; either way the run says which and both scores.
+    assert row.plan_kept in ("plan", "uniform")
+    if row.plan_kept == "uniform":
+        assert row.uniform_val_acc > row.plan_val_acc
+    elif not pd.isna(row.uniform_val_acc):  # a rival was scored (one fits, and differs)
+        assert row.plan_val_acc >= row.uniform_val_acc
+    mixed = row.plan_kept == "plan"
+    if mixed:
+        assert row.weight_bits != int(row.weight_bits) or row.activation_bits != int(
+            row.activation_bits)  # mean bits of a mixed plan
+        assert len(kept) > 1  # packed mixed
+    else:
+        assert kept == {(int(row.weight_bits), int(row.activation_bits))}
+        assert row.uniform_rival == f"w{int(row.weight_bits)}a{int(row.activation_bits)}"
     assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1
     # W&B (offline): the plan in the summary, the per-layer table with each layer's BitOps
     # share, and the two per-layer bits charts.
@@ -145,7 +158,8 @@ def test_sensitivity_plan_run_logs_mean_bits_meets_its_budget_and_reloads(
     assert abs(sum(r[share] for r in layers["data"]) - 1) < 1e-6
     bits = {tuple(r[layers["columns"].index(c)] for c in ("weight_bits", "activation_bits"))
             for r in layers["data"]} - {(32, 32)}
-    assert len(bits) > 1
+    assert (len(bits) > 1) == mixed
+    assert summary["plan_kept"] == row.plan_kept
     # The two bar charts (W&B stores a chart as its table plus a panel spec).
     assert {"bits_per_layer/weight_table", "bits_per_layer/activation_table"} <= set(summary)
     # A size budget 3% under that file: the next run's real file fits it (the sensitivity

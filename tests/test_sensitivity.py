@@ -46,6 +46,26 @@ def test_starting_at_the_quantized_layers_block_changes_no_value(
     assert all(v > 0 for n in whole["layers"] for v in whole["activation"][n].values())
 
 
+def test_3_bit_inputs_are_priced_at_the_clip_a_run_searches_and_4_bit_ones_at_mse(
+        fashion_mnist, fashion_mnist_model):
+    # --calibration auto (the runs' default) searches the clips of 3- and 2-bit inputs: the
+    # table prices those inputs at the best of the search's candidates (the mse clip among
+    # them, so never worse), and the 4-bit ones at their mse clip, as the runs get them.
+    info, train, _, _ = fashion_mnist
+    loader = BatchLoader(train.head(128), info, 64, channels_last=True)
+    with torch_threads(1):
+        auto = sens.measure(fashion_mnist_model, loader, 2, bits=(3, 4),
+                            rounding="nearest")
+        mse = sens.measure(fashion_mnist_model, loader, 2, bits=(3, 4), calibration="mse",
+                           rounding="nearest")
+    layers = auto["layers"]
+    assert auto["weight"] == mse["weight"]  # the weights' prices do not depend on it
+    assert all(auto["activation"][n]["4"] == mse["activation"][n]["4"] for n in layers)
+    assert all(auto["activation"][n]["3"] <= mse["activation"][n]["3"] for n in layers)
+    lower = sum(auto["activation"][n]["3"] < mse["activation"][n]["3"] for n in layers)
+    assert lower >= len(layers) // 4, (lower, len(layers))  # the search moves many clips
+
+
 def test_gptq_rounding_prices_the_weights_as_gptq_runs_round_them(
         fashion_mnist, fashion_mnist_model):
     # Runs round their weights by GPTQ by default, which makes low weight bits far cheaper
