@@ -50,4 +50,4 @@ demo: checkpoints/best.pt
 	$(PY) sweep.py --sweep sweeps/bits.yaml --agents 2 --results_dir runs/demo
 
 test: setup $(CHROMEDRIVER)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
