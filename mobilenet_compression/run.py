@@ -398,11 +398,11 @@ def quantize_and_measure(config, run, loaded, progress):
         return evaluate(model, val_loader, fold=True)
 
     qmodel, chosen, score_now, layer_calibration = post_training_quantize(
-        config, plan, source, calib_loader, means, val_score, progress)
+        config, plan, source, calib_loader, means, val_score, progress, len(val))
     if config.plan == "sensitivity":
         qmodel, chosen, score_now, layer_calibration = keep_plan_or_uniform(
             config, (qmodel, chosen, score_now, layer_calibration), planning, fp32, info,
-            source, calib_loader, means, val_score, progress)
+            source, calib_loader, means, val_score, progress, len(val))
     qat = {}
     if config.method == "qat":
         progress.start("qat")
@@ -490,7 +490,8 @@ def quantize_and_measure(config, run, loaded, progress):
     return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
 
 
-def post_training_quantize(config, plan, source, calib_loader, means, val_score, progress):
+def post_training_quantize(config, plan, source, calib_loader, means, val_score, progress,
+                           val_images=None):
     """prepare -> calibrate [-> gptq] [-> clip search] [-> bias correction] for one precision
     plan. Returns (qmodel, the held-out choices made, the final validation score or None,
     {layer: the calibration it got})."""
@@ -502,6 +503,7 @@ def post_training_quantize(config, plan, source, calib_loader, means, val_score,
     # GPTQ: searched before it, with nearest-rounded weights, the clips fitted errors GPTQ
     # then removed (W3A4 1.8 points under mse, seed 42).
     base = "mse" if config.calibration in ("loss", "auto") else config.calibration
+    on_val = f"on {val_images} validation images" if val_images else "on the validation images"
     calibrate(qmodel, calib_loader, num_batches=config.calib_batches, seed=config.seed,
               method=base)
     if config.weight_rounding == "gptq":
@@ -527,7 +529,7 @@ def post_training_quantize(config, plan, source, calib_loader, means, val_score,
               f"KL(FP32 || quantized) on its images {found['kl_before']:.4f} -> "
               f"{found['kl_after']:.4f}; {'searched' if found['used'] else 'mse'} clips kept "
               f"({found['score_searched']:.2f}% searched, {found['score_start']:.2f}% mse, "
-              f"on the validation images)", flush=True)
+              f"{on_val})", flush=True)
     layer_calibration = {n: "loss" if n in searched and chosen["clip_search_used"] else base
                          for n, (_, ab) in layers.items() if not is_fp32(ab)}
     if config.bias_correction == "auto":
@@ -538,7 +540,7 @@ def post_training_quantize(config, plan, source, calib_loader, means, val_score,
                        "bias_correction_val_acc_with": with_})
         score_now = with_ if used else without
         print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
-              f"{without:.2f}% without, on the validation images)", flush=True)
+              f"{without:.2f}% without, {on_val})", flush=True)
     elif config.bias_correction:
         bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches,
                      fp32_means=means)
@@ -547,7 +549,7 @@ def post_training_quantize(config, plan, source, calib_loader, means, val_score,
 
 
 def keep_plan_or_uniform(config, planned, planning, fp32, info, source, calib_loader, means,
-                         val_score, progress):
+                         val_score, progress, val_images=None):
     """A sensitivity plan against the best uniform configuration within the same budget
     (planner.best_uniform: the least summed sensitivity among the uniform plans whose BitOps,
     or predicted file size, fit), each quantized as the run quantizes, scored on the
@@ -565,14 +567,14 @@ def keep_plan_or_uniform(config, planned, planning, fp32, info, source, calib_lo
     print(f"the plan against uniform W{rival[0]}A{rival[1]}, the best uniform configuration "
           f"within the same budget:", flush=True)
     uniform = post_training_quantize(config, rival, source, calib_loader, means, val_score,
-                                     progress)
+                                     progress, val_images)
     scores = [score if score is not None else val_score(qmodel),
               uniform[2] if uniform[2] is not None else val_score(uniform[0])]
     keep_plan = scores[0] >= scores[1]
     kept = planned if keep_plan else uniform
     print(f"kept the {'plan' if keep_plan else 'uniform configuration'} ({scores[0]:.2f}% "
-          f"plan, {scores[1]:.2f}% uniform W{rival[0]}A{rival[1]}, on the validation images)",
-          flush=True)
+          f"plan, {scores[1]:.2f}% uniform W{rival[0]}A{rival[1]}, on "
+          f"{val_images or 'the'} validation images)", flush=True)
     return kept[0], {**kept[1], "plan_kept": "plan" if keep_plan else "uniform",
                      "plan_val_acc": scores[0], "uniform_val_acc": scores[1],
                      "uniform_rival": f"w{rival[0]}a{rival[1]}"}, \
