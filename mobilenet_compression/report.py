@@ -178,7 +178,8 @@ def mixed_against_uniform(mixed, uniform):
     order = [c for c in ("bitops", "method") if c in mixed.columns]
     for _, m in mixed.sort_values(order).iterrows():
         budget = m.get("bitops_budget", m["bitops"])
-        budget = m["bitops"] if budget != budget else budget
+        # a stopped run logs the budget as given ("w4a4"), which makes the column text
+        budget = float(m["bitops"] if budget != budget else budget)
         pool = uniform[uniform["bitops"] <= budget * (1 + 1e-9)]
         if methods and "method" in pool.columns:
             pool = pool[pool["method"] == m["method"]]
