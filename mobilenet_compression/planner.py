@@ -108,14 +108,21 @@ def parse_size_budget(value, fixed, model):
     return limit
 
 
+def packed_weight_bytes(model, names, bits=QUANT_BITS):
+    """{(layer, weight bits): bytes of its packed weights, ceil(parameters x bits / 8)}: the
+    part of the predicted file size each quantized layer adds."""
+    from .precision import weight_layers
+
+    params = {n: m.weight.numel() for n, m in weight_layers(model)}
+    return {(n, w): math.ceil(params[n] * w / 8) for n in names for w in bits}
+
+
 def sensitivity_plan(model, input_size, table, budget=None, bits=QUANT_BITS, size=None):
     """The plan {layer: (weight_bits, activation_bits)} minimising the summed sensitivities
     with BitOps (as bitops.py counts them) <= budget and/or, with `size` = (fixed bytes,
     byte budget), the predicted file size (fixed bytes + each layer's packed weights,
     ceil(parameters x bits / 8)) <= the byte budget."""
     import pulp
-
-    from .precision import weight_layers
 
     rows, totals = bitops_report(model, input_size, {})
     names = quantized_layer_names(model)
@@ -137,8 +144,8 @@ def sensitivity_plan(model, input_size, table, budget=None, bits=QUANT_BITS, siz
             budget - fp32_part
     if size is not None:
         fixed, limit = size
-        params = {n: m.weight.numel() for n, m in weight_layers(model)}
-        prob += pulp.lpSum(v * math.ceil(params[n] * w / 8) for (n, w, a), v in
+        packed = packed_weight_bytes(model, names, bits)
+        prob += pulp.lpSum(v * packed[n, w] for (n, w, a), v in
                            choice.items()) <= limit - fixed - SIZE_MARGIN
     solver = (pulp.HiGHS(msg=False) if "HiGHS" in pulp.listSolvers(onlyAvailable=True)
               else pulp.PULP_CBC_CMD(msg=False))
@@ -161,10 +168,8 @@ def best_uniform(model, input_size, table, budget=None, size=None, bits=QUANT_BI
     (the objective sensitivity_plan minimises) among those within the BitOps budget (counted
     by bitops.py) and/or the size budget (`size` = (fixed bytes, byte budget), predicted as
     sensitivity_plan predicts it); None when no uniform plan fits."""
-    from .precision import weight_layers
-
     names = quantized_layer_names(model)
-    params = {n: m.weight.numel() for n, m in weight_layers(model)}
+    packed = packed_weight_bytes(model, names, bits) if size is not None else None
     best, best_cost = None, math.inf
     for w in bits:
         for a in bits:
@@ -177,8 +182,7 @@ def best_uniform(model, input_size, table, budget=None, size=None, bits=QUANT_BI
                 continue
             if size is not None:
                 fixed, limit = size
-                if fixed + sum(math.ceil(params[n] * w / 8) for n in names) > \
-                        limit - SIZE_MARGIN:
+                if fixed + sum(packed[n, w] for n in names) > limit - SIZE_MARGIN:
                     continue
             best, best_cost = (w, a), cost
     return best
