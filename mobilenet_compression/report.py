@@ -4,7 +4,8 @@
 - summary.md: seed 004's table (W_bits, A_bits, Accuracy, Drop, Orig_MB, Comp_MB, Ratio) plus
   BitOps, best configuration first, and the runs that failed;
 - parallel_coordinates.png / .html: W&B's parallel-coordinates panel (the html one, plotly,
-  lets you brush ranges on every axis, offline);
+  lets you brush ranges on every axis, offline: it loads one shared plotly-<version>.min.js
+  from a folder above it, see `shared_plotly_js`);
 - pareto.png: accuracy against BitOps and against compressed size, Pareto front highlighted.
 
 With `--uniform DIR` (a sweep of uniform bits, e.g. sweeps/bits.yaml's, on the same
@@ -14,11 +15,14 @@ Pareto front, and summary.md gives, for each mixed run, the best uniform run at 
 Failed runs are listed in summary.md and left out of the pictures.
 """
 
+import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from mobilenet_compression import results
+from mobilenet_compression.files import atomic_write
 from mobilenet_compression.errors import ArgumentParser, UserError, cli
 
 # The parallel-coordinates axes, left to right: what was chosen, what it costs, what it gives.
@@ -33,8 +37,13 @@ AXIS_LABELS = {
     "quant_acc": "quant_acc (%)",
 }
 GIGA = 1e9
-# plotly.js is ~4.7 MB; past this an offline html is too heavy to keep in the repo.
-HTML_LIMIT_BYTES = 5 * 2**20
+# plotly.js is 4.6 MiB; a page that embeds it is too heavy to keep one per sweep in the repo,
+# so every page loads one shared copy (shared_plotly_js) and stays a few kB.
+HTML_LIMIT_BYTES = 200_000
+# How many folders above a page shared_plotly_js looks for a copy of plotly.js: the sweep's
+# folder's parent, the checkpoint's folder's parent (results/), and the repository.
+PLOTLY_JS_LEVELS = 3
+METRICS_DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 
 
 def get_args_parser():
@@ -169,6 +178,25 @@ def _provenance(df):
     return parts
 
 
+def _made_by(csv_path):
+    """summary.md lines naming the sweep yaml and the commands that made and redraw the report
+    (from the agent's state file beside runs.csv), and where the columns are explained."""
+    csv_path = Path(csv_path)
+    lines = []
+    try:
+        state = json.loads((csv_path.parent / "agent_state.json").read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("sweep_file"):
+        lines.append(f"Made by `python sweep.py --sweep {state['sweep_file']} "
+                     f"--results_dir {csv_path.parent.parent}` (the sweep yaml "
+                     f"`{state['sweep_file']}`).")
+    lines.append(f"Redraw it with `python sweep.py --report {csv_path.parent}`.")
+    doc = os.path.relpath(METRICS_DOC, csv_path.parent.resolve())
+    lines.append(f"Every column is explained in [docs/metrics.md]({doc}).")
+    return [" ".join(lines), ""]
+
+
 def mixed_against_uniform(mixed, uniform):
     """summary.md lines: for each finished mixed run, the best uniform run whose BitOps are
     at most the mixed run's budget (or its BitOps where no budget was logged)."""
@@ -207,6 +235,7 @@ def summary_markdown(df, source, uniform=None):
         facts.append(f"FP32 accuracy {done['baseline_acc'].dropna().iloc[0]:.2f}%")
     facts.append(f"{len(done)} finished runs" + (f", {len(other)} failed" if len(other) else ""))
     lines += ["From " + " · ".join(facts) + f" (`{source}`).", ""]
+    lines += _made_by(source)
 
     categories = varying_categories(done)
     columns = [("W_bits", "weight_bits", 0), ("A_bits", "activation_bits", 0)]
@@ -361,6 +390,22 @@ def plot_parallel_coordinates(df, path):
     return path
 
 
+def shared_plotly_js(html_dir):
+    """The one plotly.js file that the pages in `html_dir` load: the nearest
+    plotly-<version>.min.js in the PLOTLY_JS_LEVELS folders above it, else a copy written into
+    its parent (so the sweeps of one results folder share it and open offline from file://)."""
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    name = f"plotly-{get_plotlyjs_version()}.min.js"
+    html_dir = Path(html_dir).resolve()
+    for folder in list(html_dir.parents)[:PLOTLY_JS_LEVELS]:
+        if (folder / name).is_file():
+            return folder / name
+    target = html_dir.parent / name
+    atomic_write(target, lambda f: f.write(get_plotlyjs().encode()))
+    return target
+
+
 def write_parallel_coordinates_html(df, path):
     """The same panel as an interactive plotly page: drag on any axis to keep a range."""
     import plotly.graph_objects as go
@@ -379,11 +424,11 @@ def write_parallel_coordinates_html(df, path):
     ))
     fig.update_layout(title=f"Quantization sweep: {len(df)} runs, coloured by quant_acc "
                             f"(drag along an axis to filter)", margin=dict(l=80, r=80, t=100))
-    # The whole plotly.js inside, so the page works on an air-gapped machine.
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
-    if Path(path).stat().st_size > HTML_LIMIT_BYTES:
-        fig.write_html(path, include_plotlyjs="cdn", full_html=True)
-        print(f"{path}: plotly.js would make it over 5 MB, so it loads plotly from its CDN")
+    # plotly.js by a relative path, not from a CDN: the page works on an air-gapped machine.
+    path = Path(path)
+    js = os.path.relpath(shared_plotly_js(path.parent), path.parent.resolve())
+    html = fig.to_html(include_plotlyjs=Path(js).as_posix(), full_html=True)
+    atomic_write(path, lambda f: f.write(html.encode()))
     return path
 
 

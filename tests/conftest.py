@@ -3,12 +3,15 @@
 import contextlib
 import copy
 import os
+import shutil
 
 import pytest
 import torch
 
 from mobilenet_compression.data import DEBIAN_FASHION_MNIST, BatchLoader, load_dataset
 from mobilenet_compression.model import build_model
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
 
 # A few hundred SGD steps at width 0.25 give ~80% test accuracy: enough for quantization
 # effects (a lost activation bit, a per-tensor scale) to show in accuracy and logits.
@@ -110,3 +113,31 @@ def fashion_mnist_model(fashion_mnist, _fashion_mnist_state):
                         info.in_channels)
     model.load_state_dict(copy.deepcopy(_fashion_mnist_state))
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Debian's chromedriver (selenium must not fetch a driver)."""
+    if not (os.path.exists(CHROMEDRIVER) and (shutil.which("chromium")
+                                              or shutil.which("chromium-browser"))):
+        pytest.fail("the browser tests need Chromium and its driver: "
+                    "apt-get install -y chromium chromium-driver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the browser tests need selenium: pip install -r requirements.txt")
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's errors
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def load(driver, path):
+    """Open the page from file:// and check its script ran without an error."""
+    driver.get(path.as_uri())
+    errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors

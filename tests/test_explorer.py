@@ -10,7 +10,6 @@ evaluate, export as run.py does), five uniform cells and one mixed-precision pla
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -25,10 +24,9 @@ from mobilenet_compression.explorer import predict_drop, summed_kl
 from mobilenet_compression.precision import mean_bits, quantized_layer_names, uniform_plan
 from mobilenet_compression.quantization import bias_correct, calibrate, convert, quantize_model
 from mobilenet_compression.run import export_and_check, file_digest, load_model
-from tests.conftest import torch_threads
+from tests.conftest import load, torch_threads
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
 
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SIZE = 28
 UNIFORM = [(8, 8), (6, 6), (4, 8), (4, 4), (3, 4)]
 SWEEP = "explorer-test"
@@ -100,34 +98,6 @@ def page(tmp_path_factory, small_checkpoint, fashion_mnist):  # noqa: F811
     html = out.read_text()
     data = json.loads(re.search(r'id="explorer-data">(.*?)</script>', html, re.S)[1])
     return out, html, data, fp32, made, table
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through Debian's chromedriver (selenium must not fetch a driver)."""
-    if not (os.path.exists(CHROMEDRIVER) and (shutil.which("chromium")
-                                              or shutil.which("chromium-browser"))):
-        pytest.fail("the explorer's tests need Chromium and its driver: "
-                    "apt-get install -y chromium chromium-driver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("the explorer's tests need selenium: pip install -r requirements.txt")
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's errors
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
-def load(driver, path):
-    """Open the page from file:// and check its script ran without an error."""
-    driver.get(path.as_uri())
-    errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    assert not errors, errors
 
 
 def numbers(driver):
