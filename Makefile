@@ -1,7 +1,8 @@
 # The README's two commands: `make demo` (the main job end to end, offline) and `make test`.
 # Both first make sure the environment exists: a virtualenv cached outside the clone, keyed
 # by the hash of requirements.txt, and Debian's real Fashion-MNIST files; `make test` also
-# Debian's headless Chromium and its driver (the plan explorer's browser test).
+# Debian's headless Chromium and its driver (the browser tests) and SLURM (a single-node
+# cluster the job-array tests start). `make slurm-demo` runs the demo grid as a SLURM job array.
 
 SHELL := /bin/bash
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
@@ -9,9 +10,11 @@ VENV ?= $(HOME)/.cache/mobilenet-compression/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 CHROMEDRIVER := /usr/bin/chromedriver
+SLURMCTLD := /usr/sbin/slurmctld
+SLURM_DIR ?= /tmp/mobilenet-compression-slurm
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test venv-path
+.PHONY: setup demo test venv-path slurm-demo
 
 setup: $(VENV)/.installed $(FASHION_MNIST)
 
@@ -49,5 +52,21 @@ checkpoints/best.pt: | setup
 demo: checkpoints/best.pt
 	$(PY) sweep.py --sweep sweeps/bits.yaml --agents 2 --results_dir runs/demo
 
-test: setup $(CHROMEDRIVER)
+# SLURM's controller, compute daemon, client and munge: tests/test_slurm.py and slurm-demo.
+$(SLURMCTLD):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq slurmctld slurmd slurm-client munge
+
+# The demo grid as a job array on a single-node SLURM cluster started here (as root), one run
+# per task, two at a time (one core each); then its report, in runs/slurm-demo/<sweep id>/.
+slurm-demo: checkpoints/best.pt $(SLURMCTLD)
+	bash slurm/local_cluster.sh start $(SLURM_DIR)
+	$(PY) sweep.py --sweep sweeps/bits.yaml --list --results_dir runs/slurm-demo
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf VENV=$(VENV) sbatch --wait --array=0-24 \
+		--cpus-per-task=1 --output=runs/slurm-demo/slurm-%A_%a.out \
+		slurm/sweep_array.sbatch sweeps/bits.yaml runs/slurm-demo; \
+		status=$$?; bash slurm/local_cluster.sh stop $(SLURM_DIR); exit $$status
+	$(PY) sweep.py --report $$(dirname runs/slurm-demo/*/grid.json)
+
+test: setup $(CHROMEDRIVER) $(SLURMCTLD)
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -4,6 +4,9 @@
       one run; also what `wandb agent` launches for every run of sweeps/bits.yaml
   python sweep.py --sweep sweeps/bits.yaml [--agents K] [--count N]
       the whole sweep locally and offline, as `wandb agent` would run it
+  python sweep.py --sweep sweeps/bits.yaml --list | --index N
+      a grid sweep's runs, numbered; run only the N-th (a SLURM job array's task,
+      slurm/sweep_array.sbatch)
   python sweep.py --report results/<sweep_id>
       summary.md and plots from a sweep's runs.csv
 """

@@ -1,4 +1,6 @@
-"""The offline local sweep: `python sweep.py --sweep sweeps/bits.yaml [--agents K] [--count N]`.
+"""The offline local sweep: `python sweep.py --sweep sweeps/bits.yaml [--agents K] [--count N]`,
+and a grid sweep as a cluster's job array with no controller: `--list` prints (and records)
+the grid's runs, `--index N` runs the N-th the way the agent would (slurm/sweep_array.sbatch).
 
 W&B has no offline sweeps (wandb/wandb issues #2008, #6234, #9682): `wandb agent` asks a server
 for every run's parameters. Here W&B's own sweep engine (the `sweeps` package the server uses:
@@ -63,6 +65,13 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def get_args_parser():
     parser = ArgumentParser(
         prog="python sweep.py",
@@ -86,6 +95,15 @@ def get_args_parser():
                         help="CPU threads of each run (OMP_NUM_THREADS); several agents on "
                              "one machine should share its cores (default: $OMP_NUM_THREADS, "
                              "else cores / K)")
+    by_index = parser.add_mutually_exclusive_group()
+    by_index.add_argument("--list", action="store_true",
+                          help="a grid sweep's runs, one line each (index, parameters), also "
+                               "recorded in <results_dir>/<sweep_id>/grid.json for --index; "
+                               "run nothing")
+    by_index.add_argument("--index", type=_non_negative_int, default=None, metavar="N",
+                          help="run only the N-th run of the grid (0-based, as --list numbers "
+                               "them), as the agent would: one task of a job array, e.g. "
+                               "--index $SLURM_ARRAY_TASK_ID; a finished one is not run again")
     parser.add_argument("--sweep_id", default=None,
                         help="use this sweep id instead of the yaml's hash, e.g. one that "
                              "`wandb sweep` printed, so that `wandb sync` can attach the runs "
@@ -632,12 +650,13 @@ class LocalAgent:
 
         return _update_state(self.state_path, change)
 
-    def claim(self):
-        """The next configuration, marked running under this agent; None when none is left."""
+    def claim(self, given=None):
+        """The next configuration (or the `given` one), marked running under this agent; None
+        when none is left."""
         from wandb.sdk.lib.runid import generate_id
 
         def change(state):
-            params = _propose(self.config, state, self.invocation, self.sweep_path)
+            params = given or _propose(self.config, state, self.invocation, self.sweep_path)
             if params is None:
                 return None
             run_id = generate_id()
@@ -806,6 +825,48 @@ class LocalAgent:
                             f"{os.path.join(self.wandb_dir, 'wandb', f'sweep-{self.sweep_id}')}")
         return launched, failed
 
+    def finished_run(self, params):
+        """The run id of a finished run of configuration `params` in runs.csv, or None."""
+        names = set(self.config["parameters"])
+        wanted = json.loads(json.dumps(params))
+        for row in results.read_rows(results.runs_csv_path(self.results_dir, self.sweep_id)):
+            if ((row.get("status") or results.FINISHED) == results.FINISHED
+                    and _row_params(row, names) == wanted):
+                return row["run_id"]
+        return None
+
+    def run_one(self, params, label):
+        """Run configuration `params` (a job array's task), recorded as the agent records its
+        runs; returns the run's final state. One already finished is not run again."""
+        self.check_results_dir()
+        what = " ".join(f"{k}={v}" for k, v in params.items())
+        done = self.finished_run(params)
+        if done:
+            print(f"{label}: run {done} already finished it: {what}", flush=True)
+            return "finished"
+        try:
+            with _uninterrupted():  # a claimed run is always launched and tracked
+                run_id, _ = self.claim(params)
+                self.launch(run_id, params)
+            print(f"{label}: run {run_id} started: {what}; log {self.running[run_id][1]}",
+                  flush=True)
+            proc, log_path = self.running[run_id]
+            while proc.poll() is None:
+                time.sleep(POLL_S)
+            with _uninterrupted():  # an ended run is always recorded
+                final_state, exit_code = self.outcome(run_id, proc)
+                self.record(run_id, final_state, exit_code, log_path)
+                del self.running[run_id]
+        except (KeyboardInterrupt, UserError) as stopped:
+            self.stop_all(stopped)
+            raise
+        if final_state == "finished":
+            print(f"{label}: run {run_id} finished", flush=True)
+        else:
+            print(f"{label}: run {run_id} {final_state.upper()} with exit code {exit_code}\n"
+                  f"{_tail(log_path)}\n    full log: {log_path}", file=sys.stderr, flush=True)
+        return final_state
+
     def stop_all(self, reason):
         """Stop every run (Ctrl-C, SIGTERM, or an error such as an unwritable results
         directory) and record what is known; finished results are never touched."""
@@ -834,6 +895,75 @@ def run_sweep(config, sweep_path, sweep_id, agents, count, results_dir, threads=
                       threads).run()
 
 
+# ---------------------------------------------------------------------------------------------
+# A grid sweep as a job array: every task runs one configuration, with no controller. The grid
+# is finite and known in advance, so --list numbers it and --index N runs the N-th. Rows from
+# many nodes meet in one runs.csv under its file lock (filelock's FileLock: flock(2), which
+# Linux's NFS client carries out as an NFS byte-range lock, so it holds between nodes of an
+# NFS share with locking on, as well as on a local disk); the agent state takes the same lock.
+
+GRID_FILE = "grid.json"  # the --list of a sweep, beside its runs.csv: --index checks it
+
+
+def grid_runs(config, path):
+    """Every configuration of a grid sweep, in the order W&B's grid engine proposes them."""
+    if config["method"] != "grid":
+        raise UserError(f"{path} is a {config['method']} sweep, which chooses each run from "
+                        f"the runs before it: only a grid sweep can be listed and run by "
+                        f"index; run it with `python sweep.py --sweep {path} --count N`")
+    sweeps = _import_sweeps()
+    try:
+        proposals = sweeps.next_runs(config, [], n=100_000)
+    except ValueError as e:
+        raise UserError(f"W&B's sweep engine cannot run {path}: {e}") from None
+    return [{k: _plain(v["value"]) for k, v in run.config.items()}
+            for run in proposals if run is not None]
+
+
+def list_grid(config, path, sweep_id, results_dir):
+    """Record the grid's runs in <results_dir>/<sweep_id>/grid.json and return them."""
+    runs = grid_runs(config, path)
+    out_dir = results.sweep_dir(results_dir, sweep_id)
+    text = json.dumps({"sweep_id": sweep_id, "sweep_file": str(path), "runs": runs},
+                      indent=1) + "\n"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / GRID_FILE, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir / GRID_FILE} ({e.strerror or e}); pass "
+                        f"--results_dir a writable directory") from None
+    return runs
+
+
+def run_index(config, path, sweep_id, index, results_dir, threads=None):
+    """Run the grid's `index`-th configuration as the agent would; returns its final state.
+    Inside a SLURM job the sweep's grid.json (written by --list where the job was submitted)
+    must be in the results directory, or that directory is not shared with this node."""
+    runs = grid_runs(config, path)
+    if index >= len(runs):
+        raise UserError(f"--index {index} is out of range: {path} has {len(runs)} runs, "
+                        f"0 to {len(runs) - 1} (`--list` prints them)")
+    params = runs[index]
+    listed = results.sweep_dir(results_dir, sweep_id) / GRID_FILE
+    if listed.exists():
+        try:
+            recorded = json.loads(listed.read_text())["runs"][index]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            recorded = None
+        if recorded != json.loads(json.dumps(params)):
+            raise UserError(f"{listed} lists another run {index} than {path} gives now (the "
+                            f"yaml or the sweeps package changed); run --list again, then "
+                            f"submit again")
+    elif os.environ.get("SLURM_JOB_ID"):
+        raise UserError(f"{listed} is not on this node ({socket.gethostname()}): the results "
+                        f"directory {Path(results_dir).resolve()} is not shared with the node "
+                        f"that ran --list; give --results_dir a folder every node mounts")
+    threads = threads or os.environ.get("SLURM_CPUS_PER_TASK") or None
+    agent = LocalAgent(config, path, sweep_id, 1, None, results_dir,
+                       int(threads) if threads else None)
+    return agent.run_one(params, f"sweep {sweep_id} run {index} of {len(runs)}")
+
+
 def results_dir_of(config, path, given):
     """Where the sweep's runs write runs.csv: a `results_dir` parameter of the yaml (the
     runs take their parameters from it, over any flag), else --results_dir, else
@@ -856,7 +986,11 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     config = load_sweep_config(args.sweep)
     check_parameter_values(config, args.sweep)
-    if config["method"] != "grid" and args.count is None:
+    by_index = args.list or args.index is not None
+    if by_index and (args.count is not None or args.agents != 1):
+        raise UserError(f"--{'list' if args.list else 'index'} takes the grid's runs one by "
+                        f"one: --count and --agents do not apply")
+    if config["method"] != "grid" and args.count is None and not by_index:
         raise UserError(f"a {config['method']} sweep never ends by itself; "
                         f"pass --count N for the number of runs")
     command = config.get("command") or DEFAULT_COMMAND
@@ -867,10 +1001,23 @@ def main(argv=None):
                         f"repository root for sweeps/*.yaml)")
     results_dir = results_dir_of(config, args.sweep, args.results_dir)
     sweep_id = args.sweep_id or sweep_id_for(config)
+    if args.list:
+        runs = list_grid(config, args.sweep, sweep_id, results_dir)
+        for i, params in enumerate(runs):
+            print(f"{i}\t" + " ".join(f"{k}={v}" for k, v in params.items()))
+        print(f"sweep {sweep_id}: {len(runs)} runs, recorded in "
+              f"{results.sweep_dir(results_dir, sweep_id) / GRID_FILE}; as a SLURM job array: "
+              f"sbatch --array=0-{len(runs) - 1} slurm/sweep_array.sbatch {args.sweep}",
+              file=sys.stderr)
+        return 0
     # The runs live in their own process groups, so a SIGTERM (a cluster's time limit, `kill`)
     # would orphan them; it is handled like Ctrl-C: stop them and keep what finished.
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if args.index is not None:
+            state = run_index(config, args.sweep, sweep_id, args.index, results_dir,
+                              args.threads)
+            return 0 if state == "finished" else 1
         launched, failed = run_sweep(config, args.sweep, sweep_id, args.agents, args.count,
                                      results_dir, args.threads)
     finally:

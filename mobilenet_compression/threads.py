@@ -4,7 +4,8 @@ torch starts one intra-op thread per core. K runs at a time (the offline agent's
 or K `wandb agent` processes on one machine) that each take every core fight over them: on
 2 shared cores, a training step with two OpenMP threads while the other core was busy ran
 ~20x slower than with one (13 against 253 images/s). So a run takes `--threads N`, else
-OMP_NUM_THREADS (what the offline agent sets for its runs: cores / K), else torch's default.
+OMP_NUM_THREADS (what the offline agent sets for its runs: cores / K), else
+SLURM_CPUS_PER_TASK (a SLURM task's share of its node), else torch's default.
 
     from mobilenet_compression import threads
     threads.add_argument(parser)             # --threads N
@@ -16,14 +17,16 @@ import os
 from .errors import UserError
 
 ENV = "OMP_NUM_THREADS"
+SLURM_ENV = "SLURM_CPUS_PER_TASK"  # set by SLURM when the job asks --cpus-per-task
 
 
 def add_argument(parser):
     """Add `--threads N` to an argparse parser (default None: OMP_NUM_THREADS, else torch's
     default of one thread per core)."""
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else one per "
-                             "core); give K runs sharing a machine cores / K each")
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else "
+                             "$SLURM_CPUS_PER_TASK, else one per core); give K runs sharing a "
+                             "machine cores / K each")
     return parser
 
 
@@ -38,11 +41,13 @@ def _positive(value, name):
 
 
 def resolve_threads(n=None):
-    """The thread count asked for: `n`, else OMP_NUM_THREADS, else None (torch's default)."""
+    """The thread count asked for: `n`, else OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else
+    None (torch's default)."""
     if n is not None:
         return _positive(n, "--threads")
-    if os.environ.get(ENV):
-        return _positive(os.environ[ENV], ENV)
+    for name in (ENV, SLURM_ENV):
+        if os.environ.get(name):
+            return _positive(os.environ[name], name)
     return None
 
 
