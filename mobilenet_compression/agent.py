@@ -30,7 +30,6 @@ and report there too.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,6 +46,8 @@ from pathlib import Path
 from mobilenet_compression import results
 from mobilenet_compression.errors import ArgumentParser, UserError, cli
 from mobilenet_compression.files import atomic_write
+from mobilenet_compression.processes import process_start, same_process
+from mobilenet_compression.signals import interrupt_unless_critical, uninterrupted
 
 METHODS = ("grid", "random", "bayes")
 STATE_FILE = "agent_state.json"
@@ -271,44 +272,6 @@ def _update_state(path, change):
                         f"finished run is kept in runs.csv: make {path.parent} writable and "
                         f"run the same command again to resume") from None
     return result
-
-
-# Which process is which: a pid alone can be reused after its process ended, so each process
-# the state names (an agent, a run) is recorded with its start time (/proc/<pid>/stat).
-
-
-def process_start(pid):
-    """The start time of live process `pid` (clock ticks after boot); None when there is no
-    such process or only its zombie is left; -1 where /proc is missing (alive, time
-    unknown)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self"):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return -1
-    except (OSError, IndexError):
-        return None
-    if fields[0] in ("Z", "X"):  # ended; its parent (or init) has not reaped it yet
-        return None
-    return int(fields[19])  # field 22 of proc(5): starttime
-
-
-def same_process(pid, start):
-    """Whether the process recorded as (pid, start) is still running."""
-    now = process_start(pid)
-    if now is None:
-        return False
-    return start is None or now == -1 or start == -1 or now == start
 
 
 class Adopted:
@@ -552,30 +515,6 @@ def _tail(path, lines=3):
     return "\n".join("    " + line for line in text[-lines:])
 
 
-_critical = {"depth": 0, "pending": False}
-
-
-def _on_stop_signal(signum, frame):
-    if _critical["depth"]:
-        _critical["pending"] = True
-    else:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _uninterrupted():
-    """Ctrl-C and SIGTERM wait until the block is done, so the state never says `running`
-    for a run that was not started, and no started run goes unrecorded."""
-    _critical["depth"] += 1
-    try:
-        yield
-    finally:
-        _critical["depth"] -= 1
-    if not _critical["depth"] and _critical["pending"]:
-        _critical["pending"] = False
-        raise KeyboardInterrupt
-
-
 def _stop(running):
     """Ctrl-C (or an error that ends the sweep): give every run SIGINT (so it can close its
     W&B run as failed, not crashed), wait a while, then kill what is left. A second Ctrl-C
@@ -772,7 +711,7 @@ class LocalAgent:
                 giving_up = failed >= MAX_INITIAL_FAILURES and failed >= ended
                 while (not giving_up and len(self.running) < self.agents
                        and (todo is None or launched < todo)):
-                    with _uninterrupted():  # a claimed run is always launched and tracked
+                    with uninterrupted():  # a claimed run is always launched and tracked
                         claimed = self.claim()
                         if claimed is None:
                             todo = launched  # the grid is done, or another agent has it
@@ -795,7 +734,7 @@ class LocalAgent:
                 for run_id, (proc, log_path) in list(self.running.items()):
                     if proc.poll() is None:
                         continue
-                    with _uninterrupted():  # an ended run is always recorded
+                    with uninterrupted():  # an ended run is always recorded
                         final_state, exit_code = self.outcome(run_id, proc)
                         params = self.record(run_id, final_state, exit_code, log_path)
                         del self.running[run_id]
@@ -845,7 +784,7 @@ class LocalAgent:
             print(f"{label}: run {done} already finished it: {what}", flush=True)
             return "finished"
         try:
-            with _uninterrupted():  # a claimed run is always launched and tracked
+            with uninterrupted():  # a claimed run is always launched and tracked
                 run_id, _ = self.claim(params)
                 self.launch(run_id, params)
             print(f"{label}: run {run_id} started: {what}; log {self.running[run_id][1]}",
@@ -853,7 +792,7 @@ class LocalAgent:
             proc, log_path = self.running[run_id]
             while proc.poll() is None:
                 time.sleep(POLL_S)
-            with _uninterrupted():  # an ended run is always recorded
+            with uninterrupted():  # an ended run is always recorded
                 final_state, exit_code = self.outcome(run_id, proc)
                 self.record(run_id, final_state, exit_code, log_path)
                 del self.running[run_id]
@@ -1012,7 +951,8 @@ def main(argv=None):
         return 0
     # The runs live in their own process groups, so a SIGTERM (a cluster's time limit, `kill`)
     # would orphan them; it is handled like Ctrl-C: stop them and keep what finished.
-    previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupt_unless_critical)
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.index is not None:
             state = run_index(config, args.sweep, sweep_id, args.index, results_dir,

@@ -172,7 +172,7 @@ def bitops_report(model, input_size, plan):
 
 
 def compare_plans(model, input_size, activation_bits=8, quantize_all=False):
-    """Seed 000's comparison: totals of fixed 2-, 4-, 8-bit weights and the adaptive plan, all
+    """The fixed-against-adaptive comparison: totals of fixed 2-, 4-, 8-bit weights and the adaptive plan, all
     at the same activation bits, plus the FP32 model as the reference. {label: totals}."""
     plans = {f"fixed W{b}A{activation_bits}": uniform_plan(model, b, activation_bits, quantize_all)
              for b in (2, 4, 8)}
@@ -300,11 +300,13 @@ def get_args_parser(add_help=True):
                    help="activation bits of every quantized layer, 2..8, or 16/32 for float "
                         "(default: 8)")
     p.add_argument("--quantize_all", action="store_true",
-                   help="quantize the first conv and the classifier too, as seed 003 does "
-                        "(default: off, they stay FP32)")
-    p.add_argument("--plan", default="fixed", choices=["fixed", "adaptive"],
-                   help="'fixed': --weight_bits everywhere; 'adaptive': blocks ranked by MACs "
-                        "get 2/4/8 weight bits, costliest third fewest (default: fixed)")
+                   help="quantize the first conv and the classifier too, as most published "
+                        "ImageNet BitOps tables do (default: off, they stay FP32)")
+    # the same words as sweep.py's --plan; "fixed" is what this flag once called "uniform"
+    p.add_argument("--plan", default="uniform", type=lambda s: {"fixed": "uniform"}.get(s, s),
+                   choices=["uniform", "adaptive"],
+                   help="'uniform': --weight_bits everywhere; 'adaptive': blocks ranked by "
+                        "MACs get 2/4/8 weight bits, costliest third fewest (default: uniform)")
     p.add_argument("--compare", default=None, metavar="PNG",
                    help="also draw total BitOps of fixed 2/4/8-bit and adaptive weights (at "
                         "--activation_bits) and FP32 as a bar chart into this PNG (default: none)")
@@ -373,7 +375,7 @@ def main(argv=None):
         plan_desc = f"adaptive weights 2/4/8 bits by block MACs, activations {ab} bits"
     else:
         plan = uniform_plan(model, wa, ab, args.quantize_all)
-        plan_desc = f"fixed W{wa}A{ab}"
+        plan_desc = f"uniform W{wa}A{ab}"
     scope = "every layer quantized" if args.quantize_all else "first conv and classifier FP32"
     rows, totals = bitops_report(model, size, plan)
     print(f"{desc}; plan: {plan_desc}; {scope}")

@@ -8,6 +8,7 @@ last.pt adds optimizer, scheduler, rng and the position inside an interrupted ep
 Later commands need only the checkpoint's path: the model is rebuilt from the metadata.
 """
 
+import hashlib
 import os
 import warnings
 
@@ -71,3 +72,23 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
             f"architecture."
         ) from None
     return model.eval()
+
+
+def file_digest(path):
+    """The SHA-256 of a file, read in 1 MiB blocks: what the caches of a checkpoint's
+    statistics and sensitivities are keyed by."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(path):
+    """(checkpoint dict, FP32 model in eval mode and channels_last): every way the
+    checkpoint can be wrong is a UserError. The memory format is fixed here, once: the
+    convolutions round differently in the two formats, so a model converted later (by the
+    first evaluation) would calibrate differently depending on what ran before."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path).to(memory_format=torch.channels_last)
+    return ckpt, model

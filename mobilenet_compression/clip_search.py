@@ -29,7 +29,7 @@ held-out images (`search_clips_if_better`; run.py: train.py's validation split, 
 import torch
 
 from .divergence import FACTORS, FINE, best_clip, feature_block, head, kl
-from .quantization import _act_quantizers, _calibration_batch, quant_layers
+from .quantization import act_quantizers, calibration_batch, quant_layers
 
 SEARCH_BATCHES = 1  # calibration batches (of --calib_batch_size images) the KL is taken on
 
@@ -50,14 +50,14 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
     `num_batches` batches of `loader` (a BatchLoader over the TRAIN split; anything else is a
     UserError). Call after `calibrate`. Returns
     {"changes": [(layer name, old clip, new clip)], "kl_before": ..., "kl_after": ...}."""
-    x = _calibration_batch(loader, num_batches, "the clip search")
+    x = calibration_batch(loader, num_batches, "the clip search")
     was_training = qmodel.training
     qmodel.eval()
     fp32_model.eval()
     try:
         with torch.inference_mode():
             ref = torch.log_softmax(fp32_model(x).float(), 1)
-        enabled = set(map(id, _act_quantizers(qmodel)))
+        enabled = set(map(id, act_quantizers(qmodel)))
         layers = [(n, m) for n, m in quant_layers(qmodel) if id(m.input_quant) in enabled
                   and (only is None or n in only)]
         blocked = hasattr(qmodel, "features") and hasattr(qmodel, "classifier") and \
@@ -99,7 +99,7 @@ def search_clips_if_better(qmodel, fp32_model, loader, score, **search):
     the search started from; a tie keeps the start. Returns search_clips' dict plus "used"
     (whether the searched clips were kept), "score_start" and "score_searched" (equal, and
     scored once, when the search moved nothing)."""
-    quantizers = _act_quantizers(qmodel)
+    quantizers = act_quantizers(qmodel)
     start = [float(q.scale) for q in quantizers]
     found = search_clips(qmodel, fp32_model, loader, **search)
     searched = [float(q.scale) for q in quantizers]

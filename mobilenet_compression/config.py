@@ -17,14 +17,14 @@ from .quantization import (  # the quantizers' own choices, named once there
     WEIGHT_GRANULARITIES,
     WEIGHT_METHODS,
 )
-from .quantization import _check_choice as _choice
+from .quantization import check_choice
 from .rounding import ROUNDINGS
 
 METHODS = ("ptq", "qat")
 # Who measures quant_acc: PyTorch's fake-quantized model, or ONNX Runtime running the
 # exported int8 QDQ model (onnx_export.py). torch stays the default: README, "ONNX Runtime".
 ENGINES = ("torch", "onnxruntime")
-# Where each layer's bits come from: --weight_bits/--activation_bits everywhere, seed 000's
+# Where each layer's bits come from: --weight_bits/--activation_bits everywhere, the
 # MACs tiers (weights 2/4/8 by block cost), or the integer program of planner.py over the
 # measured sensitivities under --bitops_budget.
 PLANS = ("uniform", "adaptive", "sensitivity")
@@ -164,18 +164,18 @@ class RunConfig:
         v = {**{f.name: f.default for f in dataclasses.fields(cls)}, **values}
         v["weight_bits"] = check_bits(v["weight_bits"], "--weight_bits")
         v["activation_bits"] = check_bits(v["activation_bits"], "--activation_bits")
-        v["method"] = _choice(v["method"], METHODS, "--method")
-        v["plan"] = _choice(v["plan"], PLANS, "--plan")
+        v["method"] = check_choice(v["method"], METHODS, "--method")
+        v["plan"] = check_choice(v["plan"], PLANS, "--plan")
         if v["calibration"] in (None, ""):
             v["calibration"] = "auto"
-        v["calibration"] = _choice(v["calibration"], CALIBRATIONS, "--calibration")
+        v["calibration"] = check_choice(v["calibration"], CALIBRATIONS, "--calibration")
         if v["calibration"] == "auto" and v["plan"] == "uniform":
             v["calibration"] = default_calibration(v["activation_bits"])
-        v["weight_method"] = _choice(v["weight_method"], WEIGHT_METHODS, "--weight_method")
+        v["weight_method"] = check_choice(v["weight_method"], WEIGHT_METHODS, "--weight_method")
         if v["weight_rounding"] in (None, ""):
             v["weight_rounding"] = default_rounding(v["method"])
-        v["weight_rounding"] = _choice(v["weight_rounding"], ROUNDINGS, "--weight_rounding")
-        v["weight_granularity"] = _choice(v["weight_granularity"], WEIGHT_GRANULARITIES,
+        v["weight_rounding"] = check_choice(v["weight_rounding"], ROUNDINGS, "--weight_rounding")
+        v["weight_granularity"] = check_choice(v["weight_granularity"], WEIGHT_GRANULARITIES,
                                           "--weight_granularity")
         for name in ("calib_batches", "calib_batch_size", "qat_batch_size",
                      "sensitivity_images", "seed"):
@@ -197,7 +197,7 @@ class RunConfig:
                                 f"{v['bias_correction']!r}.") from None
         v["distill"] = parse_bool(v["distill"], "--distill")
         v["equalize"] = parse_bool(v["equalize"], "--equalize")
-        v["engine"] = _choice(v["engine"], ENGINES, "--engine")
+        v["engine"] = check_choice(v["engine"], ENGINES, "--engine")
         given = [f for f in ("bitops_budget", "size_budget_mb") if v[f] not in (None, "")]
         if v["plan"] == "sensitivity":
             if not given:

@@ -75,9 +75,9 @@ def depthwise_input_maxes(model, loader, num_batches):
     """[per-channel max, ...] of every depthwise conv's input (`depthwise_inputs` order) over
     `num_batches` batches of `loader` (training images: the calibration images). Depends on
     nothing but the FP32 model and those images, so a sweep's runs can share it (fp32_stats)."""
-    from .quantization import _training_batches
+    from .quantization import training_batches
 
-    total = _training_batches(loader, num_batches, "equalization")
+    total = training_batches(loader, num_batches, "equalization")
     sites = depthwise_inputs(model)
     maxes, hooks = [None] * len(sites), []
     for i, (_, parent, child, _) in enumerate(sites):

@@ -1,7 +1,7 @@
 """MobileNetV2 for small (32x32 / 28x28) images, built on torchvision's MobileNetV2 class.
 
 The ImageNet network downsamples 32x; on 32x32 inputs that leaves a 1x1 map. The CIFAR
-variant (as in seed 004 and most CIFAR MobileNetV2 code) sets the stem stride and the second
+variant (as in most CIFAR MobileNetV2 code) sets the stem stride and the second
 stage's stride to 1, so the last feature map is 4x4. At width 1.0 and 3 input channels this
 is 87,976,448 MACs per 32x32 image.
 """
@@ -38,7 +38,7 @@ def mobilenet_v2_cifar(num_classes=10, width_multiplier=1.0, in_channels=3):
 
 
 def mobilenet_v2_imagenet(num_classes=1000, width_multiplier=1.0):
-    """torchvision's ImageNet MobileNetV2 (seed 003's setting), randomly initialised."""
+    """torchvision's ImageNet MobileNetV2 (the usual ImageNet setting), randomly initialised."""
     return MobileNetV2(num_classes=num_classes, width_mult=width_multiplier)
 
 

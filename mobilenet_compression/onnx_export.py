@@ -299,9 +299,9 @@ def output_scales(qmodel, loader, num_batches=None):
     (scale, zero point of its uint8 codes)."""
     from torchvision.models.mobilenetv2 import InvertedResidual
 
-    from .quantization import _training_batches
+    from .quantization import training_batches
 
-    total = _training_batches(loader, num_batches, "ONNX export calibration")
+    total = training_batches(loader, num_batches, "ONNX export calibration")
     absmax, hooks, signed = {}, [], {}
     last = f"features.{len(qmodel.features) - 1}"
     for name, m in qmodel.named_modules():

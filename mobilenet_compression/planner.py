@@ -64,7 +64,7 @@ def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction, equaliz
     from .equalize import equalize_depthwise_inputs
     from .export import export_quantized
     from .quantization import bias_correct, calibrate, convert, quantize_model
-    from .run import file_digest
+    from .checkpoint import file_digest
 
     loader = BatchLoader(train.head(32), info, 32, channels_last=True)
     if equalize:  # its clamps' table is part of the file

@@ -97,7 +97,7 @@ def fp32_layer_names(model):
 
 def quantized_layer_names(model, quantize_all=False):
     """Every Conv2d and Linear except the stem conv and the classifier (unless quantize_all:
-    seed 003's setting quantizes them too)."""
+    the usual ImageNet BitOps setting quantizes them too)."""
     keep = set() if quantize_all else fp32_layer_names(model)
     return [n for n, _ in weight_layers(model) if n not in keep]
 

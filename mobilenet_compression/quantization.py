@@ -83,7 +83,7 @@ MIN_SCALE = 1e-12  # an all-zero channel or tensor still gets a finite, positive
 
 # ---------------------------------------------------------------------------- validation
 
-def _check_choice(value, choices, flag):
+def check_choice(value, choices, flag):
     if value not in choices:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
     return value
@@ -500,8 +500,8 @@ def quantize_model(model, plan, weight_granularity="per_channel", weight_method=
     `calibrate` before the model can run (unless all activation bits are FP32). A torch.fx
     trace of `model` marks the layers whose input may be fake-quantized in place.
     """
-    _check_choice(weight_granularity, WEIGHT_GRANULARITIES, "--weight_granularity")
-    _check_choice(weight_method, WEIGHT_METHODS, "--weight_method")
+    check_choice(weight_granularity, WEIGHT_GRANULARITIES, "--weight_granularity")
+    check_choice(weight_method, WEIGHT_METHODS, "--weight_method")
     plan = _normalise_plan(model, plan)
     names = quantized_layer_names(model)
     exclusive = exclusive_input_layers(model, set(names))
@@ -521,7 +521,7 @@ def precision_plan(qmodel):
     return {n: (m.weight_bits, m.activation_bits) for n, m in quant_layers(qmodel)}
 
 
-def _act_quantizers(qmodel):
+def act_quantizers(qmodel):
     return [m.input_quant for _, m in quant_layers(qmodel) if m.input_quant.enabled]
 
 
@@ -530,7 +530,7 @@ class activations_fp32:
     stay quantized), e.g. to count activation elements before calibration."""
 
     def __init__(self, qmodel):
-        self.quantizers = _act_quantizers(qmodel)
+        self.quantizers = act_quantizers(qmodel)
 
     def __enter__(self):
         self.modes = [q.mode for q in self.quantizers]
@@ -542,7 +542,7 @@ class activations_fp32:
             q.mode = mode
 
 
-def _training_batches(loader, num_batches, what):
+def training_batches(loader, num_batches, what):
     """How many batches of `loader` to read, after checking it reads TRAINING images: test
     or validation images must never shape a quantized model."""
     split = getattr(loader, "split", None)
@@ -573,12 +573,12 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
     with `mse`, round the weights, then `clip_search.search_clips_if_better` (run.py's order).
     Returns qmodel.
     """
-    _check_choice(method, CALIBRATION_METHODS, "--calibration")
+    check_choice(method, CALIBRATION_METHODS, "--calibration")
     if method == "loss":
         raise ValueError("calibrate(method='loss'): calibrate with 'mse', then move the clips "
                          "with clip_search.search_clips_if_better (as run.py does)")
-    total = _training_batches(loader, num_batches, "calibration")
-    quantizers = _act_quantizers(qmodel)
+    total = training_batches(loader, num_batches, "calibration")
+    quantizers = act_quantizers(qmodel)
     per_batch = 0 if method == "minmax" else max(1024, ACT_SAMPLE_SIZE // total)
     for i, q in enumerate(quantizers):
         q.start_observing(per_batch, seed=seed * 1_000_003 + i)
@@ -617,8 +617,8 @@ def _channel_mean(outputs):
     return (total / count).float()
 
 
-def _calibration_batch(loader, num_batches, what):
-    total = _training_batches(loader, num_batches, what)
+def calibration_batch(loader, num_batches, what):
+    total = training_batches(loader, num_batches, what)
     return torch.cat([x for x, _ in itertools.islice(iter(loader), total)])
 
 
@@ -628,7 +628,7 @@ def fp32_channel_means(fp32_model, loader, num_batches=None):
     in `fp32_model.features`, over the calibration images as one batch: the targets
     `bias_correct` moves the quantized layers' outputs to. They depend on nothing but the
     FP32 model and those images, so a sweep's runs can share them (fp32_stats)."""
-    return _fp32_channel_means(fp32_model, _calibration_batch(loader, num_batches,
+    return _fp32_channel_means(fp32_model, calibration_batch(loader, num_batches,
                                                               "bias correction"))
 
 
@@ -670,7 +670,7 @@ def bias_correct(qmodel, fp32_model, loader, num_batches=None, fp32_means=None):
     on, so the next layer in the block already reads the corrected one. Reads the same
     TRAINING batches as calibration; call after `calibrate`. Returns qmodel.
     """
-    x = _calibration_batch(loader, num_batches, "bias correction")
+    x = calibration_batch(loader, num_batches, "bias correction")
     want = fp32_means if fp32_means is not None else _fp32_channel_means(fp32_model, x)
     was_training = qmodel.training
     qmodel.eval()

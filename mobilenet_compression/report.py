@@ -1,7 +1,7 @@
 """The sweep report, drawn locally where the W&B sweep page would draw it:
 `python sweep.py --report results/<sweep_id>` reads runs.csv and writes
 
-- summary.md: seed 004's table (W_bits, A_bits, Accuracy, Drop, Orig_MB, Comp_MB, Ratio) plus
+- summary.md: the usual table (W_bits, A_bits, Accuracy, Drop, Orig_MB, Comp_MB, Ratio) plus
   BitOps, best configuration first, and the runs that failed;
 - parallel_coordinates.png / .html: W&B's parallel-coordinates panel (the html one, plotly,
   lets you brush ranges on every axis, offline: it loads one shared plotly-<version>.min.js

@@ -26,7 +26,7 @@ as in the final model) and before `bias_correct`.
 import torch
 from torch import nn
 
-from .quantization import QUANT_LAYERS, _training_batches
+from .quantization import QUANT_LAYERS, training_batches
 
 ROUNDINGS = ("nearest", "gptq")
 DAMP = 0.01  # GPTQ's default: 1% of the mean diagonal of H added to it
@@ -67,7 +67,7 @@ def _unfold(layer, x):
     return u.permute(1, 0, 3, 2).reshape(g, -1, u.shape[2])
 
 
-def _add_hessian(h, layer, x):
+def add_hessian(h, layer, x):
     """h + sum over rows of x x^T per group ((groups, d, d), float64). Each batch's sum is
     taken in float32 (BLAS; over at most a few hundred thousand rows) and added in float64.
     Pointwise convs and Linear layers multiply the rows (a view of a channels-last input);
@@ -127,7 +127,7 @@ def _block_hessian(block, layer, xs):
     h = [None]
 
     def hook(module, args, out):
-        h[0] = _add_hessian(h[0], layer, out)
+        h[0] = add_hessian(h[0], layer, out)
         raise _Enough
 
     handle = layer.input_quant.register_forward_hook(hook)
@@ -159,7 +159,7 @@ def gptq(qmodel, loader, images=GPTQ_IMAGES):
     Layers whose input quantizer works in place (quantize_model's torch.fx rule) quantize
     the carried tensors themselves when they are a block's first layer; fake quantization
     is idempotent, so the next block reads the same values either way."""
-    _training_batches(loader, None, "GPTQ rounding")
+    training_batches(loader, None, "GPTQ rounding")
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ValueError(f"images must be a positive integer, got {images!r}")
     if not any(_rounds(m) for m in qmodel.modules()):

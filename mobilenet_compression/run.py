@@ -33,18 +33,16 @@ nothing half-written is left.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
 import time
 import uuid
 
-import torch
 from filelock import FileLock
 
 from . import bitops, fp32_stats, onnx_export, results, threads
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import file_digest, load_model
 from .clip_search import search_clips_if_better
 from .config import (
     CALIBRATIONS,
@@ -63,6 +61,7 @@ from .equalize import equalize_depthwise_inputs
 from .export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
 from .precision import is_fp32, mean_bits
+from .processes import process_age_s
 from .qat import train_qat
 from .quantization import (bias_correct, bias_correct_if_better, calibrate, convert,
                            precision_plan, quantize_model)
@@ -90,110 +89,108 @@ def get_args_parser():
                     "Also: `sweep.py --sweep YAML` (offline local sweep) and "
                     "`sweep.py --report DIR` (tables and plots).",
     )
-    p.add_argument("--checkpoint", default=d.checkpoint,
+    g = p.add_argument_group("model and bits")
+    g.add_argument("--checkpoint", default=d.checkpoint,
                    help="FP32 checkpoint written by train.py (default: %(default)s)")
-    p.add_argument("--weight_bits", type=int, default=d.weight_bits,
+    g.add_argument("--weight_bits", type=int, default=d.weight_bits,
                    help="weight bits, 2..8 (16/32: FP32) (default: %(default)s)")
-    p.add_argument("--activation_bits", type=int, default=d.activation_bits,
+    g.add_argument("--activation_bits", type=int, default=d.activation_bits,
                    help="activation bits, 2..8 (16/32: FP32) (default: %(default)s)")
-    p.add_argument("--method", default=d.method, choices=METHODS,
+    g.add_argument("--method", default=d.method, choices=METHODS,
                    help="ptq: post-training quantization; qat: then fine-tune weights and "
                         "learned step sizes (LSQ) (default: %(default)s)")
-    p.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
+    g = p.add_argument_group("post-training quantization")
+    g.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
                    help="activation range calibration: absmax, 99.99th percentile, least "
                         "squared error per input, or mse then each clip moved to where the "
                         "network's output is closest to FP32's (clip_search.py), kept only "
                         "if it scores higher on the validation images; auto: loss for "
                         "activations of 3 bits or fewer, else mse, layer by layer in a "
                         "mixed plan (default: %(default)s)")
-    p.add_argument("--calib_batches", type=int, default=d.calib_batches,
+    g.add_argument("--calib_batches", type=int, default=d.calib_batches,
                    help="calibration batches of training images (default: %(default)s)")
-    p.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size,
+    g.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size,
                    help="images per calibration batch (default: %(default)s)")
-    p.add_argument("--weight_method", default=d.weight_method, choices=WEIGHT_METHODS,
+    g.add_argument("--weight_method", default=d.weight_method, choices=WEIGHT_METHODS,
                    help="per-channel weight scale: absmax, or the clip with the least "
                         "squared error (default: %(default)s)")
-    p.add_argument("--weight_rounding", default=d.weight_rounding, choices=ROUNDINGS,
+    g.add_argument("--weight_rounding", default=d.weight_rounding, choices=ROUNDINGS,
                    help="which grid point each weight takes: the nearest, or GPTQ's choice "
                         "that minimises each layer's output error on 128 calibration images "
                         "(layers with 8-bit weights keep the nearest) (default: gptq with "
                         "--method ptq, nearest with qat)")
-    p.add_argument("--weight_granularity", default=d.weight_granularity,
+    g.add_argument("--weight_granularity", default=d.weight_granularity,
                    choices=WEIGHT_GRANULARITIES,
                    help="weight scales per output channel, or one per tensor as in the "
                         "earlier projects (default: %(default)s)")
-    p.add_argument("--bias_correction", default=str(d.bias_correction).lower(),
+    g.add_argument("--bias_correction", default=str(d.bias_correction).lower(),
                    metavar="{true,false,auto}",
                    help="empirical bias correction after calibration, on the calibration "
                         f"images; auto: keep it only if it raises accuracy on {AUTO_BC_IMAGES} "
                         "validation images (at most --max_eval_samples), the ones train.py "
                         "held out (default: %(default)s)")
-    p.add_argument("--equalize", default=str(d.equalize).lower(), metavar="{true,false}",
+    g.add_argument("--equalize", default=str(d.equalize).lower(), metavar="{true,false}",
                    help="before calibration, scale each depthwise conv's input channels to "
                         "one range and its filters inversely (free for per-channel weights; "
                         "equalize.py) (default: %(default)s)")
-    p.add_argument("--qat_epochs", type=float, default=d.qat_epochs,
+    g = p.add_argument_group("quantization-aware training (--method qat)")
+    g.add_argument("--qat_epochs", type=float, default=d.qat_epochs,
                    help="QAT: epochs over the training images, fractions allowed "
                         "(default: %(default)s)")
-    p.add_argument("--qat_lr", type=float, default=d.qat_lr,
+    g.add_argument("--qat_lr", type=float, default=d.qat_lr,
                    help="QAT: initial learning rate, cosine to 0 (default: %(default)s)")
-    p.add_argument("--qat_batch_size", type=int, default=d.qat_batch_size,
+    g.add_argument("--qat_batch_size", type=int, default=d.qat_batch_size,
                    help="QAT: training batch size (default: %(default)s)")
-    p.add_argument("--qat_freeze_bn", type=float, default=d.qat_freeze_bn,
+    g.add_argument("--qat_freeze_bn", type=float, default=d.qat_freeze_bn,
                    help="QAT: fraction of the steps after which BatchNorm statistics are "
                         "frozen (default: %(default)s)")
-    p.add_argument("--qat_checks", type=int, default=d.qat_checks,
+    g.add_argument("--qat_checks", type=int, default=d.qat_checks,
                    help="QAT: times, evenly spaced, the model is scored on the validation "
                         "images train.py held out; the best one, the PTQ start included, is "
                         "kept (0: keep the last, unscored) (default: %(default)s)")
-    p.add_argument("--distill", default=str(d.distill).lower(), metavar="{true,false}",
+    g.add_argument("--distill", default=str(d.distill).lower(), metavar="{true,false}",
                    help="QAT: learn from the FP32 model's outputs (KL) instead of the labels "
                         "(default: %(default)s)")
-    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default=d.engine, choices=ENGINES,
                    help="who measures quant_acc: PyTorch's fake-quantized model, or ONNX "
                         "Runtime running the exported int8 ONNX model (PyTorch then checks "
                         f"it on {AGREEMENT_IMAGES} images) (default: %(default)s)")
-    p.add_argument("--plan", default=d.plan, choices=PLANS,
+    g = p.add_argument_group("mixed precision (--plan)")
+    g.add_argument("--plan", default=d.plan, choices=PLANS,
                    help="bits per layer: uniform (the two flags above everywhere), adaptive "
-                        "(seed 000: weights 2/4/8 by block MACs, activations at "
-                        "--activation_bits), sensitivity (the best plan under --bitops_budget "
+                        "(weights 2/4/8 by block MACs, the costliest blocks fewest, activations "
+                        "at --activation_bits), sensitivity (the best plan under --bitops_budget "
                         "from measured per-layer sensitivities) (default: %(default)s)")
-    p.add_argument("--bitops_budget", default=None,
+    g.add_argument("--bitops_budget", default=None,
                    help="with --plan sensitivity: BitOps per image, in GBitOps (e.g. 0.9), "
                         "as a fraction of the W8A8 model's (e.g. 0.5x), or as a uniform plan's "
                         "(e.g. w4a4)")
-    p.add_argument("--size_budget_mb", default=None,
+    g.add_argument("--size_budget_mb", default=None,
                    help="with --plan sensitivity, instead of --bitops_budget: the exported "
                         "file's size in MB (MiB, as compressed_mb counts it)")
-    p.add_argument("--sensitivity_images", type=int, default=d.sensitivity_images,
+    g.add_argument("--sensitivity_images", type=int, default=d.sensitivity_images,
                    help="with --plan sensitivity: training images the per-layer sensitivities "
                         "are measured on (cached per checkpoint) (default: %(default)s)")
-    p.add_argument("--max_eval_samples", type=int, default=None,
+    g = p.add_argument_group("data, results and tracking")
+    g.add_argument("--max_eval_samples", type=int, default=None,
                    help="evaluate on only the first N test images, and make the "
                         "--bias_correction auto choice on at most N validation images "
                         "(default: all test images, 2000 validation images)")
-    p.add_argument("--data_dir", default=None,
+    g.add_argument("--data_dir", default=None,
                    help="dataset folder (default: the one the checkpoint was trained from)")
-    p.add_argument("--results_dir", default=None,
+    g.add_argument("--results_dir", default=None,
                    help="runs.csv and exported models go to RESULTS_DIR/<sweep id or runs>/ "
                         "(default: $MOBILENET_COMPRESSION_RESULTS_DIR, else results)")
-    p.add_argument("--seed", type=int, default=d.seed,
+    g.add_argument("--seed", type=int, default=d.seed,
                    help="seed of the calibration sampling and of QAT (default: %(default)s)")
-    p.add_argument("--device", default=None,
+    g.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
-    threads.add_argument(p)
-    p.add_argument("--wandb_mode", default=None, choices=WANDB_MODES,
+    threads.add_argument(g)
+    g.add_argument("--wandb_mode", default=None, choices=WANDB_MODES,
                    help="W&B mode (default: $WANDB_MODE, else online; offline by itself "
                         "without credentials)")
     return p
-
-
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def baseline_accuracy(model, loader, cache_dir, key):
@@ -248,19 +245,6 @@ class Progress:
     def total(self):
         """Seconds since the process started (since this object was made, plus startup)."""
         return time.perf_counter() - self.t0 + self.times.get("time/startup_s", 0.0)
-
-
-def process_age_s():
-    """Seconds from this process's start (interpreter start, imports) to now, from Linux's
-    /proc; None where there is no /proc."""
-    try:
-        with open("/proc/self/stat") as f:  # field 22, after the ")" closing the name
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @cli
@@ -325,16 +309,6 @@ def record_stopped(config, run, progress, signum):
     if run is not None:
         run.summary.update(done)
         run.finish(exit_code=128 + signum)
-
-
-def load_model(path):
-    """(checkpoint dict, FP32 model in eval mode and channels_last): every way the
-    checkpoint can be wrong is a UserError. The memory format is fixed here, once: the
-    convolutions round differently in the two formats, so a model converted later (by the
-    first evaluation) would calibrate differently depending on what ran before."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path).to(memory_format=torch.channels_last)
-    return ckpt, model
 
 
 def load_run_data(config, ckpt, device):

@@ -91,8 +91,8 @@ class _Suffix:
 
 
 def _fp32_hessians(fp32, images, names):
-    """{layer name: H of its FP32 inputs} (rounding._add_hessian) over `images`, one pass."""
-    from .rounding import _add_hessian
+    """{layer name: H of its FP32 inputs} (rounding.add_hessian) over `images`, one pass."""
+    from .rounding import add_hessian
 
     modules = dict(fp32.named_modules())
     hs, handles = {}, []
@@ -100,7 +100,7 @@ def _fp32_hessians(fp32, images, names):
         layer = modules[name]
 
         def hook(module, args, name=name):
-            hs[name] = _add_hessian(hs.get(name), module, args[0])
+            hs[name] = add_hessian(hs.get(name), module, args[0])
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         _forward(fp32, [images])
@@ -123,13 +123,13 @@ def measure(fp32, loader, batches, bits=BITS, calibration="auto", progress=None,
     method is used as it is."""
     from .config import default_calibration
     from .quantization import (
-        _training_batches, calibrate, quant_layers, quantize_model)
+        training_batches, calibrate, quant_layers, quantize_model)
     from .rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
 
     if rounding not in ROUNDINGS:
         raise UserError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}.")
 
-    total = _training_batches(loader, batches, "sensitivity")
+    total = training_batches(loader, batches, "sensitivity")
     images = []
     for x, _ in loader:
         images.append(x)
@@ -199,7 +199,7 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
     from filelock import FileLock
 
     from .data import BatchLoader, load_dataset
-    from .run import file_digest, load_model
+    from .checkpoint import file_digest, load_model
 
     ckpt, fp32 = load_model(checkpoint)  # every way the checkpoint is wrong: a UserError
     digest = file_digest(checkpoint)
@@ -317,8 +317,9 @@ def main(argv=None):
                         "gptq (the post-training default) or nearest (QAT's default) "
                         "(default: gptq)")
     p.add_argument("--equalize", default="true", metavar="{true,false}",
-                   help="price the network runs with --equalize true (the default) quantize "
-                        "(equalize.py), or the checkpoint's own (default: true)")
+                   help="true: price the equalized network that runs with --equalize true "
+                        "(the runs' default) quantize (equalize.py); false: price the "
+                        "checkpoint's own network (default: true)")
     p.add_argument("--calibration", default="auto",
                    choices=("auto", "mse", "minmax", "percentile"),
                    help="how each input is calibrated, as the runs it prices calibrate it: "

@@ -1,6 +1,9 @@
 """The one signal guard: how Ctrl-C (SIGINT) and SIGTERM (what `wandb agent`, a scheduler or
-`kill` sends) stop a command without losing what it has done."""
+`kill` sends) stop a command without losing what it has done. Training and a run use
+`StopFlag`; the sweep agent, which must never leave a started run unrecorded, handles both
+signals with `interrupt_unless_critical` and marks its critical steps `uninterrupted()`."""
 
+import contextlib
 import signal
 
 
@@ -47,3 +50,30 @@ class StopFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+_critical = {"depth": 0, "pending": False}
+
+
+def interrupt_unless_critical(signum, frame):
+    """A signal handler: KeyboardInterrupt now, or at the end of the `uninterrupted()` block
+    running now."""
+    if _critical["depth"]:
+        _critical["pending"] = True
+    else:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Ctrl-C and SIGTERM (handled by `interrupt_unless_critical`) wait until the block is
+    done: the agent's state never says `running` for a run that was not started, and no
+    started run goes unrecorded."""
+    _critical["depth"] += 1
+    try:
+        yield
+    finally:
+        _critical["depth"] -= 1
+    if not _critical["depth"] and _critical["pending"]:
+        _critical["pending"] = False
+        raise KeyboardInterrupt

@@ -9,7 +9,7 @@ import torch
 from mobilenet_compression import clip_search, divergence
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
-from mobilenet_compression.quantization import (_act_quantizers, calibrate, quant_layers,
+from mobilenet_compression.quantization import (act_quantizers, calibrate, quant_layers,
                                                 quantize_model)
 
 from .conftest import torch_threads
@@ -28,7 +28,7 @@ def _kl_on(qmodel, fp32, x):
 
 
 def _clips(qmodel):
-    return [float(q.scale) * q.qmax for q in _act_quantizers(qmodel)]
+    return [float(q.scale) * q.qmax for q in act_quantizers(qmodel)]
 
 
 def test_the_search_never_moves_the_network_further_from_fp32(fashion_mnist,
@@ -53,7 +53,7 @@ def test_the_search_never_moves_the_network_further_from_fp32(fashion_mnist,
     assert any(new != pytest.approx(old) for _, old, new in changes)
     assert after < before
     # never beyond the range calibration saw
-    assert all(c <= q_.absmax * (1 + 1e-6) for c, q_ in zip(_clips(q), _act_quantizers(q)))
+    assert all(c <= q_.absmax * (1 + 1e-6) for c, q_ in zip(_clips(q), act_quantizers(q)))
 
 
 def test_starting_at_each_block_chooses_what_whole_network_passes_choose(
@@ -86,10 +86,10 @@ def test_the_searched_clips_are_kept_only_if_they_score_higher(fashion_mnist,
     val_loader = BatchLoader(val.head(500), info, 250)
     with torch_threads(1):
         base = calibrate(quantize_model(fashion_mnist_model, (8, 3)), loader, "mse", 2)
-        start = [float(q.scale) for q in _act_quantizers(base)]
+        start = [float(q.scale) for q in act_quantizers(base)]
         searched_model = copy.deepcopy(base)
         clip_search.search_clips(searched_model, fashion_mnist_model, loader, num_batches=1)
-        searched = [float(q.scale) for q in _act_quantizers(searched_model)]
+        searched = [float(q.scale) for q in act_quantizers(searched_model)]
         assert searched != start
         for prefer, keeps in (("start", start), ("searched", searched), ("tie", start)):
             q = copy.deepcopy(base)
@@ -97,14 +97,14 @@ def test_the_searched_clips_are_kept_only_if_they_score_higher(fashion_mnist,
 
             def score(model):
                 from mobilenet_compression.evaluation import evaluate
-                scales = [float(a.scale) for a in _act_quantizers(model)]
+                scales = [float(a.scale) for a in act_quantizers(model)]
                 seen.append((scales, evaluate(model, val_loader, fold=True)))
                 return {"start": float(scales == start), "searched": float(scales != start),
                         "tie": 0.5}[prefer]
 
             found = clip_search.search_clips_if_better(q, fashion_mnist_model, loader, score,
                                                        num_batches=1)
-            assert [float(a.scale) for a in _act_quantizers(q)] == keeps, prefer
+            assert [float(a.scale) for a in act_quantizers(q)] == keeps, prefer
             assert found["used"] == (prefer == "searched")
             # scored once with the searched clips, once with the start, in that order
             assert [s for s, _ in seen] == [searched, start]

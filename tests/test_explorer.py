@@ -23,7 +23,8 @@ from mobilenet_compression.evaluation import eval_loader, evaluate
 from mobilenet_compression.explorer import predict_drop, summed_kl
 from mobilenet_compression.precision import mean_bits, quantized_layer_names, uniform_plan
 from mobilenet_compression.quantization import bias_correct, calibrate, convert, quantize_model
-from mobilenet_compression.run import export_and_check, file_digest, load_model
+from mobilenet_compression.checkpoint import file_digest, load_model
+from mobilenet_compression.run import export_and_check
 from tests.conftest import load, torch_threads
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
 

@@ -9,7 +9,7 @@ from mobilenet_compression.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.precision import QUANT_BITS, quantized_layer_names, uniform_plan
-from mobilenet_compression.quantization import (_act_quantizers, calibrate, precision_plan,
+from mobilenet_compression.quantization import (act_quantizers, calibrate, precision_plan,
                                                 quant_layers, quantize_model)
 
 from .conftest import torch_threads
@@ -135,5 +135,5 @@ def test_a_plan_run_keeps_the_uniform_rival_when_it_scores_higher_and_says_so(
     # Both keep their budget as bitops.py counts it.
     for qmodel, *_ in results.values():
         assert bitops_report(model, SIZE, precision_plan(qmodel))[1]["bitops"] <= budget
-    assert all(q.enabled for q in _act_quantizers(results["uniform"][0]))
+    assert all(q.enabled for q in act_quantizers(results["uniform"][0]))
     assert torch.isfinite(results["uniform"][0](next(iter(loader))[0])).all()

@@ -17,7 +17,7 @@ from mobilenet_compression.quantization import (
     quantize_model,
     signed_range,
 )
-from mobilenet_compression.rounding import _add_hessian, _unfold, gptq, gptq_weight
+from mobilenet_compression.rounding import add_hessian, _unfold, gptq, gptq_weight
 
 
 def _grid(weight, bits):
@@ -97,7 +97,7 @@ def test_unfolded_rows_times_the_weight_give_the_convs_output(conv):
         expected = y.reshape(n, groups, c // groups, hh * ww).permute(1, 0, 3, 2).reshape(
             groups, n * hh * ww, c // groups)
     assert torch.allclose(out, expected, atol=1e-5)
-    h = _add_hessian(_add_hessian(None, conv, x), conv, x)
+    h = add_hessian(add_hessian(None, conv, x), conv, x)
     assert h.shape == (groups, w.shape[2], w.shape[2]) and h.dtype == torch.float64
     assert torch.allclose(h, 2 * torch.bmm(rows.transpose(1, 2), rows).double(), rtol=1e-4)
 
