@@ -21,12 +21,14 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mobilenet_compression import onnx_export as ox  # noqa: E402
+from mobilenet_compression import onnx_export as ox
 from mobilenet_compression.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from mobilenet_compression.cpu import cpu_isa  # noqa: E402
 from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
 from mobilenet_compression.evaluation import predict  # noqa: E402
-from mobilenet_compression.quantization import calibrate, convert, quantize_model  # noqa: E402
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.prepare import quantize_model
 
 CALIB_BATCHES = 8
 

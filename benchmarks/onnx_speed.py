@@ -26,12 +26,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mobilenet_compression import onnx_export as ox  # noqa: E402
-from mobilenet_compression.cpu import cpu_isa  # noqa: E402
+from mobilenet_compression import onnx_export as ox
 from mobilenet_compression.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from mobilenet_compression.cpu import cpu_isa  # noqa: E402
 from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
 from mobilenet_compression.model import build_model  # noqa: E402
-from mobilenet_compression.quantization import calibrate, convert, quantize_model  # noqa: E402
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.prepare import quantize_model
 
 
 def torch_img_s(model, batch, repeats):
@@ -53,7 +55,11 @@ def ort_static(fp32_proto_bytes, calib_images, path, reduce_range=False):
     Runtime's advice for x86 CPUs without VNNI, whose u8 x s8 kernels add pairs of products
     in int16."""
     from onnxruntime.quantization import (
-        CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):

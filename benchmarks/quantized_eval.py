@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mobilenet_compression.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
 from mobilenet_compression.evaluation import eval_loader, evaluate  # noqa: E402
-from mobilenet_compression.quantization import calibrate, convert, quantize_model  # noqa: E402
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.prepare import quantize_model
 
 
 def main():

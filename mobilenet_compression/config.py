@@ -11,14 +11,15 @@ import re
 from dataclasses import dataclass
 
 from .errors import UserError
-from .precision import check_bits, is_fp32
-from .quantization import (  # the quantizers' own choices, named once there
+from .quant.calibrate import default_calibration
+from .quant.fake_quant import (
     CALIBRATION_METHODS,
     WEIGHT_GRANULARITIES,
     WEIGHT_METHODS,
+    check_choice,
 )
-from .quantization import check_choice
-from .rounding import ROUNDINGS
+from .quant.precision import check_bits, is_fp32
+from .quant.rounding import ROUNDINGS
 
 METHODS = ("ptq", "qat")
 # Who measures quant_acc: PyTorch's fake-quantized model, or ONNX Runtime running the
@@ -95,20 +96,8 @@ def default_rounding(method):
     return "nearest" if method == "qat" else "gptq"
 
 
-# --calibration auto: activations of this many bits or fewer get the clip search.
-LOSS_MAX_BITS = 3
 # The run's choices: the quantizers' own, and `auto`, each layer's default by its own bits.
 CALIBRATIONS = CALIBRATION_METHODS + ("auto",)
-
-
-def default_calibration(activation_bits):
-    """--calibration auto (the default), for one layer's or one uniform run's activation
-    bits: `loss` (clip_search.py) for activations of LOSS_MAX_BITS or fewer, where each input's own least squared error chose clips that broke the network
-    (W8A3 31.15% mean over three 30-epoch seeds with `mse`, 85.26% with `loss`; W8A2 38.49%
-    against 75.96% on the width-1.0 checkpoint), and `mse` at 4 bits and more, where the two
-    tied on those seeds (mean differences -0.22 to +0.41 point a cell, either sign), so the
-    search's time would buy nothing (README)."""
-    return "loss" if activation_bits <= LOSS_MAX_BITS else "mse"
 
 
 @dataclass(frozen=True)
@@ -128,7 +117,7 @@ class RunConfig:
     # default_rounding
     weight_rounding: str | None = None
     bias_correction: bool | str = "auto"  # on/off per run, by validation accuracy (README)
-    # the depthwise convs' input channels equalized before calibration (equalize.py); on since
+    # the depthwise convs' input channels equalized before calibration (quant/equalize.py); on since
     # the equalize sweeps on three checkpoints (README, "--equalize")
     equalize: bool = True
     qat_epochs: float = 1.0
@@ -136,7 +125,7 @@ class RunConfig:
     qat_batch_size: int = 128
     qat_freeze_bn: float = 0.5
     # validation checks during QAT; the best-scoring model, the PTQ start included, is kept
-    # (qat.py). 0: the last model, unchecked
+    # (quant/qat.py). 0: the last model, unchecked
     qat_checks: int = 4
     # on since the 18-epoch checkpoint agreed with the 30-epoch one (README, QAT bullet)
     distill: bool = True

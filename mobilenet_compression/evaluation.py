@@ -40,7 +40,7 @@ def fold_batchnorm(model):
     replaced by Identity. A quantized conv's weight is folded as its quantizer gives it (after
     `convert`, the quantized values themselves) and is not quantized again, so the copy
     computes the same function up to float rounding. `model` is left as it is."""
-    from .quantization import QUANT_LAYERS
+    from .quant.prepare import QUANT_LAYERS
 
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):

@@ -47,7 +47,7 @@ def layer_table(model, input_size, table):
     macs, params: the weight's element count, w / a: its weight / activation KL at bits
     2..8), and the BitOps of the layers that stay FP32 (stem conv, classifier)."""
     from .bitops import bitops_report, block_of
-    from .precision import quantized_layer_names, weight_layers
+    from .quant.precision import quantized_layer_names, weight_layers
     from .sensitivity import BITS
 
     names = quantized_layer_names(model)
@@ -181,9 +181,9 @@ def fit_points(runs, layers):
 def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size=128,
                   bias_correction=True, verbose=True):
     """Everything the page needs, as a JSON-ready dict (the page computes the rest)."""
+    from .checkpoint import load_model
     from .data import load_dataset
     from .export import orig_mb
-    from .checkpoint import load_model
     from .sensitivity import BITS, sensitivity
 
     ckpt, fp32 = load_model(checkpoint)

@@ -26,7 +26,7 @@ in_channels, dataset, input_size, method, checkpoint_sha256, ...; numbers writte
                (columns also named in "layer_columns"; null where that part stays FP32)
     batchnorm  [[module name, first column, channels], ...]
     fp32       [[state-dict name, offset, shape], ...]
-and, in a run with --equalize true, a fourth (equalize.py: the ReLU6 before each depthwise
+and, in a run with --equalize true, a fourth (quant/equalize.py: the ReLU6 before each depthwise
 conv became a clamp to [0, max], its channels scaled into the stored BatchNorm and weights):
     clamps     [[module name, max], ...]
 
@@ -52,16 +52,12 @@ import safetensors.numpy
 import torch
 from torch import nn
 
-from .equalize import clamp_table, restore_clamps
 from .errors import UserError
 from .files import atomic_write
 from .model import build_model
-from .quantization import (
-    activations_fp32,
-    is_fp32,
-    quant_layers,
-    quantize_model,
-)
+from .quant.equalize import clamp_table, restore_clamps
+from .quant.precision import is_fp32
+from .quant.prepare import activations_fp32, quant_layers, quantize_model
 
 FORMAT = "mobilenet-compression/quantized-v2"
 MIB = 2**20

@@ -66,7 +66,7 @@ def cached(path, measure, device):
 def depthwise_maxes(fp32, loader, batches, key):
     """equalize.depthwise_input_maxes, through the cache. key: (checkpoint SHA-256,
     batches, batch size, device type)."""
-    from .equalize import depthwise_input_maxes
+    from .quant.equalize import depthwise_input_maxes
 
     path = cache_path("equalize", *key, equalized=False)
     device = next(fp32.parameters()).device
@@ -78,7 +78,7 @@ def depthwise_maxes(fp32, loader, batches, key):
 def channel_means(source, loader, batches, key, equalized):
     """quantization.fp32_channel_means of `source` (the network the runs quantize: equalized
     or not), through the cache."""
-    from .quantization import fp32_channel_means
+    from .quant.bias_correction import fp32_channel_means
 
     path = cache_path("means", *key, equalized=equalized)
     device = next(source.parameters()).device

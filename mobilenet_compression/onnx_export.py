@@ -100,7 +100,7 @@ def available():
 def onnx_exportable(qmodel):
     """True when every quantized layer has weights and activations of at most 8 bits (what
     the issue's contract asks to export; a layer at 16/32 bits keeps the run torch-only)."""
-    from .quantization import quant_layers
+    from .quant.prepare import quant_layers
 
     layers = quant_layers(qmodel)
     return bool(layers) and all(m.weight_quant.enabled and m.input_quant.enabled
@@ -155,7 +155,7 @@ class _Graph:
     def quantize_input(self, x, quant, stem):
         """x -> QuantizeLinear -> [Clip to the b-bit codes] -> DequantizeLinear.
 
-        A ReLU6 (or equalize.py's clamp to [0, max]) right before an unsigned quantizer whose
+        A ReLU6 (or quant/equalize.py's clamp to [0, max]) right before an unsigned quantizer whose
         grid ends at or under 6 (the max) is skipped:
         the codes saturate at 0 and at qmax anyway, so the conv before it stays fusable."""
         s = float(quant.scale)
@@ -182,7 +182,8 @@ class _Graph:
 
     def conv_or_linear(self, x, layer, bn, stem):
         """One Conv2d / Linear (quantized or FP32), with the BatchNorm after it folded."""
-        from .quantization import QUANT_LAYERS, batchnorm_factors
+        from .quant.convert import batchnorm_factors
+        from .quant.prepare import QUANT_LAYERS
 
         quantized = isinstance(layer, QUANT_LAYERS)
         weight = layer.weight.detach().double()
@@ -250,8 +251,8 @@ class _Graph:
 
     def sequence(self, x, modules, prefix):
         """Emit a Sequential's leaves in order, pairing each conv with a BatchNorm after it."""
-        from torchvision.ops.misc import Conv2dNormActivation
         from torchvision.models.mobilenetv2 import InvertedResidual
+        from torchvision.ops.misc import Conv2dNormActivation
 
         items = list(modules.named_children())
         i = 0
@@ -275,7 +276,7 @@ class _Graph:
                 if stem in self.output_scales and x_in in self.dq_of:
                     x = self.requantize(x, stem)  # the last conv, read by the pooling
             elif isinstance(m, nn.Hardtanh) and m.min_val == 0.0:
-                # ReLU6, or the clamp to [0, max] equalize.py puts before a depthwise conv
+                # ReLU6, or the clamp to [0, max] quant/equalize.py puts before a depthwise conv
                 top = float(m.max_val)
                 high = (self.shared("six", 6.0) if top == 6.0
                         else self.const(stem + ".max", np.float32(top)))
@@ -299,7 +300,7 @@ def output_scales(qmodel, loader, num_batches=None):
     (scale, zero point of its uint8 codes)."""
     from torchvision.models.mobilenetv2 import InvertedResidual
 
-    from .quantization import training_batches
+    from .quant.calibrate import training_batches
 
     total = training_batches(loader, num_batches, "ONNX export calibration")
     absmax, hooks, signed = {}, [], {}
@@ -397,7 +398,7 @@ def check_int16_pairs(proto):
     """Raise ValueError unless every integer layer's pair sums fit int16
     (`int16_pair_bounds`): then each of ONNX Runtime's int8 kernels (x86 with AVX2,
     AVX-512, VNNI or AMX, ARM) computes the same integers, the PyTorch model's."""
-    from .precision import INT16_MAX
+    from .quant.precision import INT16_MAX
 
     over = {k: v for k, v in int16_pair_bounds(proto).items() if v > INT16_MAX}
     if over:

@@ -43,7 +43,6 @@ from filelock import FileLock
 
 from . import bitops, fp32_stats, onnx_export, results, threads
 from .checkpoint import file_digest, load_model
-from .clip_search import search_clips_if_better
 from .config import (
     CALIBRATIONS,
     ENGINES,
@@ -52,20 +51,20 @@ from .config import (
     WEIGHT_GRANULARITIES,
     WEIGHT_METHODS,
     RunConfig,
-    default_calibration,
 )
 from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
-from .equalize import equalize_depthwise_inputs
 from .export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
-from .precision import is_fp32, mean_bits
 from .processes import process_age_s
-from .qat import train_qat
-from .quantization import (bias_correct, bias_correct_if_better, calibrate, convert,
-                           precision_plan, quantize_model)
-from .rounding import ROUNDINGS, gptq
+from .quant.convert import convert
+from .quant.equalize import equalize_depthwise_inputs
+from .quant.precision import mean_bits
+from .quant.prepare import precision_plan
+from .quant.qat import train_qat
+from .quant.recipe import post_training_quantize
+from .quant.rounding import ROUNDINGS
 from .signals import StopFlag, Stopped
 from .tracking import WANDB_MODES, init_run, resolve_mode
 from .train import resolve_device
@@ -103,7 +102,7 @@ def get_args_parser():
     g.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
                    help="activation range calibration: absmax, 99.99th percentile, least "
                         "squared error per input, or mse then each clip moved to where the "
-                        "network's output is closest to FP32's (clip_search.py), kept only "
+                        "network's output is closest to FP32's (quant/clip_search.py), kept only "
                         "if it scores higher on the validation images; auto: loss for "
                         "activations of 3 bits or fewer, else mse, layer by layer in a "
                         "mixed plan (default: %(default)s)")
@@ -132,7 +131,7 @@ def get_args_parser():
     g.add_argument("--equalize", default=str(d.equalize).lower(), metavar="{true,false}",
                    help="before calibration, scale each depthwise conv's input channels to "
                         "one range and its filters inversely (free for per-channel weights; "
-                        "equalize.py) (default: %(default)s)")
+                        "quant/equalize.py) (default: %(default)s)")
     g = p.add_argument_group("quantization-aware training (--method qat)")
     g.add_argument("--qat_epochs", type=float, default=d.qat_epochs,
                    help="QAT: epochs over the training images, fractions allowed "
@@ -351,8 +350,8 @@ def quantize_and_measure(config, run, loaded, progress):
     calib = train.head(config.calib_batches * config.calib_batch_size)
     calib_loader = BatchLoader(calib, info, config.calib_batch_size, channels_last=True)
     # The FP32 network the quantized one is made from: with --equalize, the same function
-    # with each depthwise conv's input channels on one range (equalize.py). The baseline, and
-    # QAT's teacher, stay the checkpoint's own network.
+    # with each depthwise conv's input channels on one range (quant/equalize.py). The
+    # baseline, and QAT's teacher, stay the checkpoint's own network.
     # What the FP32 network does on these images is the same in every run of a sweep:
     # measured once per checkpoint and read back by the others (fp32_stats).
     stats_key = (checkpoint_sha256, config.calib_batches, config.calib_batch_size, device.type)
@@ -462,64 +461,6 @@ def quantize_and_measure(config, run, loaded, progress):
     row = {"run_id": run_id, **metrics, "checkpoint": config.checkpoint,
            "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"]}
     return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
-
-
-def post_training_quantize(config, plan, source, calib_loader, means, val_score, progress,
-                           val_images=None):
-    """prepare -> calibrate [-> gptq] [-> clip search] [-> bias correction] for one precision
-    plan. Returns (qmodel, the held-out choices made, the final validation score or None,
-    {layer: the calibration it got})."""
-    qmodel = quantize_model(source, plan,
-                            weight_granularity=config.weight_granularity,
-                            weight_method=config.weight_method)
-    # --calibration loss (and auto, for the layers it gives loss): the `mse` clips, then
-    # moved by the network's output (clip_search) once the weights are final, i.e. after
-    # GPTQ: searched before it, with nearest-rounded weights, the clips fitted errors GPTQ
-    # then removed (W3A4 1.8 points under mse, seed 42).
-    base = "mse" if config.calibration in ("loss", "auto") else config.calibration
-    on_val = f"on {val_images} validation images" if val_images else "on the validation images"
-    calibrate(qmodel, calib_loader, num_batches=config.calib_batches, seed=config.seed,
-              method=base)
-    if config.weight_rounding == "gptq":
-        progress.start("round")
-        gptq(qmodel, calib_loader)
-        progress.start("calibrate")  # bias correction is timed with calibration
-    layers = precision_plan(qmodel)
-    searched = {n for n, (_, ab) in layers.items() if not is_fp32(ab) and (
-        config.calibration == "loss" or (config.calibration == "auto" and
-                                         default_calibration(ab) == "loss"))}
-    chosen, score_now = {}, None
-    if searched:
-        progress.start("clip_search")
-        found = search_clips_if_better(qmodel, source, calib_loader, val_score, only=searched)
-        progress.start("calibrate")
-        moved = sum(new != old for _, old, new in found["changes"])
-        chosen = {"clip_search_used": found["used"],
-                  "clip_search_val_acc_mse": found["score_start"],
-                  "clip_search_val_acc_searched": found["score_searched"],
-                  "clip_search_layers": len(searched)}
-        score_now = found["score_searched"] if found["used"] else found["score_start"]
-        print(f"clip search: {moved} of {len(found['changes'])} activation clips moved; "
-              f"KL(FP32 || quantized) on its images {found['kl_before']:.4f} -> "
-              f"{found['kl_after']:.4f}; {'searched' if found['used'] else 'mse'} clips kept "
-              f"({found['score_searched']:.2f}% searched, {found['score_start']:.2f}% mse, "
-              f"{on_val})", flush=True)
-    layer_calibration = {n: "loss" if n in searched and chosen["clip_search_used"] else base
-                         for n, (_, ab) in layers.items() if not is_fp32(ab)}
-    if config.bias_correction == "auto":
-        qmodel, used, without, with_ = bias_correct_if_better(
-            qmodel, source, calib_loader, val_score, num_batches=config.calib_batches,
-            fp32_means=means, score_without=score_now)
-        chosen.update({"bias_correction_used": used, "bias_correction_val_acc_without": without,
-                       "bias_correction_val_acc_with": with_})
-        score_now = with_ if used else without
-        print(f"bias correction auto: {'on' if used else 'off'} ({with_:.2f}% with, "
-              f"{without:.2f}% without, {on_val})", flush=True)
-    elif config.bias_correction:
-        bias_correct(qmodel, source, calib_loader, num_batches=config.calib_batches,
-                     fp32_means=means)
-        score_now = None  # the corrected model has not been scored
-    return qmodel, chosen, score_now, layer_calibration
 
 
 def keep_plan_or_uniform(config, planned, planning, fp32, info, source, calib_loader, means,

@@ -8,7 +8,7 @@ input activation at b bits, calibrated on the same images as the runs calibrate 
 and at 3 bits or fewer, where a run searches its clip by the network's output, the clip
 with the least KL among the clip search's candidates). The weights are
 rounded as the runs round them (`rounding`): to the nearest grid point, or by GPTQ
-(rounding.py, the default for post-training runs) on that layer's own FP32 inputs over the
+(quant/rounding.py, the default for post-training runs) on that layer's own FP32 inputs over the
 first GPTQ_IMAGES of the images, at every width GPTQ rounds (2..GPTQ_MAX_BITS). GPTQ makes
 low weight bits much cheaper than nearest rounding does (W3A8 91.65% against 89.24%, W2A8
 41.60% against 12.52% on the 93.65% checkpoint), so a table measured with nearest rounding
@@ -35,10 +35,10 @@ import time
 
 import torch
 
-from .divergence import best_clip, head, kl
 from .environment import cache_folder
 from .errors import ArgumentParser, UserError, cli
 from .files import atomic_write
+from .quant.divergence import best_clip, head, kl
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 VERSION = 2  # part of the cache key: bump when the measurement changes
@@ -92,7 +92,7 @@ class _Suffix:
 
 def _fp32_hessians(fp32, images, names):
     """{layer name: H of its FP32 inputs} (rounding.add_hessian) over `images`, one pass."""
-    from .rounding import add_hessian
+    from .quant.rounding import add_hessian
 
     modules = dict(fp32.named_modules())
     hs, handles = {}, []
@@ -118,13 +118,13 @@ def measure(fp32, loader, batches, bits=BITS, calibration="auto", progress=None,
     weights GPTQ-rounded on its own FP32 inputs, where the runs' GPTQ rounds them).
     `calibration`: how each input is calibrated, as the runs calibrate it: "auto" (the
     runs' default) is `mse`, then at the bits where a run searches the clip
-    (config.default_calibration gives `loss`) the layer's clip moved to the candidate with
+    (default_calibration gives `loss`) the layer's clip moved to the candidate with
     the least KL (divergence.best_clip, as the run's clip search moves it); any other
     method is used as it is."""
-    from .config import default_calibration
-    from .quantization import (
-        training_batches, calibrate, quant_layers, quantize_model)
-    from .rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
+    from .quant.calibrate import default_calibration
+    from .quant.calibrate import calibrate, training_batches
+    from .quant.prepare import quant_layers, quantize_model
+    from .quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
 
     if rounding not in ROUNDINGS:
         raise UserError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}.")
@@ -194,12 +194,12 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
                 equalize=True):
     """The sensitivity table of a checkpoint, from the cache when it holds it; `rounding`
     is the weight rounding of the runs it prices ("gptq", the post-training default, or
-    "nearest"); with `equalize`, of the network equalize.py makes from it on the table's own
+    "nearest"); with `equalize`, of the network quant/equalize.py makes from it on the table's own
     images, as runs with --equalize true quantize it. Returns (table, cached: bool)."""
     from filelock import FileLock
 
-    from .data import BatchLoader, load_dataset
     from .checkpoint import file_digest, load_model
+    from .data import BatchLoader, load_dataset
 
     ckpt, fp32 = load_model(checkpoint)  # every way the checkpoint is wrong: a UserError
     digest = file_digest(checkpoint)
@@ -236,7 +236,7 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
         if equalize:
-            from .equalize import equalize_depthwise_inputs
+            from .quant.equalize import equalize_depthwise_inputs
 
             fp32, _ = equalize_depthwise_inputs(fp32, loader, batches)
         table = measure(fp32, loader, batches, bits, calibration, tick, rounding)
@@ -252,7 +252,7 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
 
 
 def _quantized_names(model):
-    from .precision import quantized_layer_names
+    from .quant.precision import quantized_layer_names
 
     return quantized_layer_names(model)
 
@@ -318,7 +318,7 @@ def main(argv=None):
                         "(default: gptq)")
     p.add_argument("--equalize", default="true", metavar="{true,false}",
                    help="true: price the equalized network that runs with --equalize true "
-                        "(the runs' default) quantize (equalize.py); false: price the "
+                        "(the runs' default) quantize (quant/equalize.py); false: price the "
                         "checkpoint's own network (default: true)")
     p.add_argument("--calibration", default="auto",
                    choices=("auto", "mse", "minmax", "percentile"),

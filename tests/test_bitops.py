@@ -15,7 +15,7 @@ from torch import nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the bare `pytest` entry point does not put the repo on the path
 
-from mobilenet_compression import bitops  # noqa: E402
+from mobilenet_compression import bitops
 from mobilenet_compression.checkpoint import FORMAT, atomic_save  # noqa: E402
 from mobilenet_compression.errors import UserError  # noqa: E402
 from mobilenet_compression.model import build_model  # noqa: E402

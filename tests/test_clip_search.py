@@ -1,4 +1,4 @@
-"""Loss-aware activation clips (`--calibration loss`, clip_search.py) on the small model
+"""Loss-aware activation clips (`--calibration loss`, quant/clip_search.py) on the small model
 trained on the real Fashion-MNIST."""
 
 import copy
@@ -6,11 +6,15 @@ import copy
 import pytest
 import torch
 
-from mobilenet_compression import clip_search, divergence
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
-from mobilenet_compression.quantization import (act_quantizers, calibrate, quant_layers,
-                                                quantize_model)
+from mobilenet_compression.quant import clip_search, divergence
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.prepare import (
+    act_quantizers,
+    quant_layers,
+    quantize_model,
+)
 
 from .conftest import torch_threads
 from .test_qat import QUICK, small_checkpoint, sweep_py  # noqa: F401  (a fixture)

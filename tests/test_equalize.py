@@ -1,4 +1,4 @@
-"""Equalizing the depthwise convs' inputs (equalize.py), on the small model trained on the real
+"""Equalizing the depthwise convs' inputs (quant/equalize.py), on the small model trained on the real
 Fashion-MNIST (conftest): the FP32 function is kept, every channel fills the range, the
 depthwise weights keep their integer codes, and the equalized model exports, reloads and runs
 in ONNX Runtime as the same model."""
@@ -13,10 +13,20 @@ from torch import nn
 
 from mobilenet_compression import onnx_export as ox
 from mobilenet_compression.data import BatchLoader
-from mobilenet_compression.equalize import MAX_FACTOR, depthwise_inputs, equalize_depthwise_inputs
 from mobilenet_compression.evaluation import eval_loader, predict
-from mobilenet_compression.export import export_quantized, load_quantized, read_quantized
-from mobilenet_compression.quantization import calibrate, convert, quantize_model
+from mobilenet_compression.export import (
+    export_quantized,
+    load_quantized,
+    read_quantized,
+)
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.equalize import (
+    MAX_FACTOR,
+    depthwise_inputs,
+    equalize_depthwise_inputs,
+)
+from mobilenet_compression.quant.prepare import quantize_model
 from tests.conftest import torch_threads
 from tests.test_qat import QUICK, small_checkpoint, sweep_py  # noqa: F401  (a fixture)
 

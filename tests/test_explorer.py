@@ -18,12 +18,19 @@ import pytest
 from mobilenet_compression import results
 from mobilenet_compression import sensitivity as sens
 from mobilenet_compression.bitops import adaptive_plan, bitops_report, block_of
+from mobilenet_compression.checkpoint import file_digest, load_model
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, evaluate
 from mobilenet_compression.explorer import predict_drop, summed_kl
-from mobilenet_compression.precision import mean_bits, quantized_layer_names, uniform_plan
-from mobilenet_compression.quantization import bias_correct, calibrate, convert, quantize_model
-from mobilenet_compression.checkpoint import file_digest, load_model
+from mobilenet_compression.quant.bias_correction import bias_correct
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.precision import (
+    mean_bits,
+    quantized_layer_names,
+    uniform_plan,
+)
+from mobilenet_compression.quant.prepare import quantize_model
 from mobilenet_compression.run import export_and_check
 from tests.conftest import load, torch_threads
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)

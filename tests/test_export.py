@@ -30,13 +30,10 @@ from mobilenet_compression.export import (
     unpack_bits,
     weight_compression_ratio,
 )
-from mobilenet_compression.quantization import (
-    bias_correct,
-    calibrate,
-    quant_layers,
-    quantize_model,
-    quantized_layer_names,
-)
+from mobilenet_compression.quant.bias_correction import bias_correct
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.precision import quantized_layer_names
+from mobilenet_compression.quant.prepare import quant_layers, quantize_model
 
 N_EVAL = 1000
 METADATA = {"arch": "cifar", "dataset": "fashion-mnist", "num_classes": 10,

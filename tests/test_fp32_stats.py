@@ -8,8 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from mobilenet_compression.data import BatchLoader
-from mobilenet_compression.equalize import depthwise_input_maxes, equalize_depthwise_inputs
-from mobilenet_compression.quantization import bias_correct, fp32_channel_means, quant_layers
+from mobilenet_compression.quant.bias_correction import bias_correct, fp32_channel_means
+from mobilenet_compression.quant.equalize import (
+    depthwise_input_maxes,
+    equalize_depthwise_inputs,
+)
+from mobilenet_compression.quant.prepare import quant_layers
 from tests.test_qat import QUICK, ptq, small_checkpoint, sweep_py  # noqa: F401  (a fixture)
 
 

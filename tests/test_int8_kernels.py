@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mobilenet_compression import cpu
-from mobilenet_compression.precision import (
+from mobilenet_compression.quant.precision import (
     INT16_MAX,
     QUANT_BITS,
     pair_sum_bound,

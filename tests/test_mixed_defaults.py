@@ -8,9 +8,19 @@ from mobilenet_compression import planner, run
 from mobilenet_compression.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader
-from mobilenet_compression.precision import QUANT_BITS, quantized_layer_names, uniform_plan
-from mobilenet_compression.quantization import (act_quantizers, calibrate, precision_plan,
-                                                quant_layers, quantize_model)
+from mobilenet_compression.quant import recipe
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.precision import (
+    QUANT_BITS,
+    quantized_layer_names,
+    uniform_plan,
+)
+from mobilenet_compression.quant.prepare import (
+    act_quantizers,
+    precision_plan,
+    quant_layers,
+    quantize_model,
+)
 
 from .conftest import torch_threads
 from .test_planner import SIZE
@@ -49,7 +59,7 @@ def test_a_mixed_plan_searches_the_clips_of_its_3_bit_inputs_and_no_other(
             # A held-out scorer that prefers the searched clips, so they are kept.
             return float(_clips(qmodel) != reference)
 
-        qmodel, chosen, _, layers = run.post_training_quantize(
+        qmodel, chosen, _, layers = recipe.post_training_quantize(
             config, plan, fashion_mnist_model, loader, None, prefers_moved_clips,
             run.Progress())
     clips = _clips(qmodel)
@@ -62,7 +72,7 @@ def test_a_mixed_plan_searches_the_clips_of_its_3_bit_inputs_and_no_other(
     # A plan with no input under 4 bits is not searched at all: mse everywhere.
     high = {n: (4, 6) for n in names}
     with torch_threads(1):
-        qmodel, chosen, _, layers = run.post_training_quantize(
+        qmodel, chosen, _, layers = recipe.post_training_quantize(
             config, high, fashion_mnist_model, loader, None, prefers_moved_clips,
             run.Progress())
     assert "clip_search_used" not in chosen and set(layers.values()) == {"mse"}
@@ -85,7 +95,7 @@ def test_the_best_uniform_rival_fits_the_budget_as_bitops_and_the_file_count_it(
     assert w > 4 and a < 4
     assert bitops_report(model, SIZE, uniform_plan(model, w, a))[1]["bitops"] <= budget
     # A size budget: the predicted file of the rival's weights fits, one more bit would not.
-    from mobilenet_compression.precision import weight_layers
+    from mobilenet_compression.quant.precision import weight_layers
 
     params = [m.weight.numel() for n, m in weight_layers(model)
               if n in set(quantized_layer_names(model))]
@@ -119,7 +129,7 @@ def test_a_plan_run_keeps_the_uniform_rival_when_it_scores_higher_and_says_so(
     results = {}
     with torch_threads(1):
         for name, score in (("uniform", prefers_uniform), ("mixed", prefers_mixed)):
-            planned = run.post_training_quantize(config, plan, model, loader, None, score,
+            planned = recipe.post_training_quantize(config, plan, model, loader, None, score,
                                                  run.Progress())
             results[name] = run.keep_plan_or_uniform(config, planned, planning, model, info,
                                                      model, loader, None, score,

@@ -14,7 +14,10 @@ from mobilenet_compression import onnx_export as ox
 from mobilenet_compression.cpu import cpu_isa
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, predict
-from mobilenet_compression.quantization import bias_correct, calibrate, convert, quantize_model
+from mobilenet_compression.quant.bias_correction import bias_correct
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.prepare import quantize_model
 from tests.conftest import torch_threads
 from tests.test_qat import (  # noqa: F401  (small_checkpoint: a fixture)
     QUICK,
@@ -210,7 +213,7 @@ def test_below_8_bits_every_quantized_conv_runs_as_an_integer_kernel(
     too: the b-bit codes are clipped as uint8, after the QuantizeLinear), which is most of
     them; the rest read or feed the float residual sums. The int32 biases the engine adds
     are the PyTorch model's own (convert put them on that grid)."""
-    from mobilenet_compression.quantization import (
+    from mobilenet_compression.quant.convert import (
         batchnorm_factors,
         int32_bias_step,
         layers_with_batchnorm,

@@ -14,8 +14,12 @@ from mobilenet_compression.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.errors import UserError
 from mobilenet_compression.export import load_quantized
-from mobilenet_compression.precision import QUANT_BITS, quantized_layer_names, uniform_plan
-from mobilenet_compression.quantization import precision_plan
+from mobilenet_compression.quant.precision import (
+    QUANT_BITS,
+    quantized_layer_names,
+    uniform_plan,
+)
+from mobilenet_compression.quant.prepare import precision_plan
 from tests.test_qat import QUICK, ROOT, env_for, small_checkpoint, summary_of  # noqa: F401
 
 SIZE = 28
@@ -95,7 +99,7 @@ def test_budget_and_plan_flags_must_go_together():
 
 
 def test_size_budget_plan_fits_the_predicted_file(fashion_mnist_model):
-    from mobilenet_compression.precision import weight_layers
+    from mobilenet_compression.quant.precision import weight_layers
 
     table = flat_table(fashion_mnist_model)
     names = set(quantized_layer_names(fashion_mnist_model))

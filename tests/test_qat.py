@@ -23,16 +23,18 @@ from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, evaluate
 from mobilenet_compression.export import load_quantized, read_quantized
 from mobilenet_compression.model import build_model
-from mobilenet_compression.qat import train_qat
-from mobilenet_compression.quantization import (
+from mobilenet_compression.quant.bias_correction import (
     bias_correct,
     bias_correct_if_better,
-    calibrate,
-    convert,
+)
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.prepare import (
     precision_plan,
     quant_layers,
     quantize_model,
 )
+from mobilenet_compression.quant.qat import train_qat
 from tests.conftest import SMALL_MODEL_RECIPE, torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +98,7 @@ def test_learned_scales_receive_gradients_and_change(fashion_mnist_model, fashio
 
 
 def test_qat_holds_the_biases_bias_correction_added_fixed(fashion_mnist_model, fashion_mnist):
-    """A bias bias correction put before a BatchNorm is not trained (qat.py: training it
+    """A bias bias correction put before a BatchNorm is not trained (quant/qat.py: training it
     wrecked QAT at 8 bits); the weights, the scales and the layers' own biases are."""
     info, train, _, _ = fashion_mnist
     fp32 = fashion_mnist_model
@@ -182,7 +184,7 @@ def test_qat_checks_choose_without_changing_the_training(fashion_mnist_model, fa
 
 
 def test_check_steps_are_evenly_spaced_and_end_at_the_last_step():
-    from mobilenet_compression.qat import check_steps
+    from mobilenet_compression.quant.qat import check_steps
     assert check_steps(100, 4) == [25, 50, 75, 100]
     assert check_steps(10, 3) == [3, 7, 10]
     assert check_steps(2, 4) == [1, 2]  # fewer steps than checks

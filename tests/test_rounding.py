@@ -9,15 +9,15 @@ from torch import nn
 
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
-from mobilenet_compression.quantization import (
-    calibrate,
-    fake_quantize,
+from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.fake_quant import fake_quantize
+from mobilenet_compression.quant.precision import signed_range
+from mobilenet_compression.quant.prepare import (
     precision_plan,
     quant_layers,
     quantize_model,
-    signed_range,
 )
-from mobilenet_compression.rounding import add_hessian, _unfold, gptq, gptq_weight
+from mobilenet_compression.quant.rounding import _unfold, add_hessian, gptq, gptq_weight
 
 
 def _grid(weight, bits):

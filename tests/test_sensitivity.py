@@ -129,7 +129,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
 
 def test_an_equalized_table_prices_the_equalized_network_in_its_own_cache_entry(
         tmp_path, small_checkpoint):  # noqa: F811
-    # Runs with --equalize true quantize the equalized network (equalize.py): its depthwise
+    # Runs with --equalize true quantize the equalized network (quant/equalize.py): its depthwise
     # convs' inputs lose far less at low bits. (Its weight cases differ a little too: with a
     # layer's weights quantized, a later channel may pass its calibration max, where the
     # equalized network's clamp cuts it, as the runs' quantizers do.)

@@ -75,7 +75,7 @@ def depthwise_input_maxes(model, loader, num_batches):
     """[per-channel max, ...] of every depthwise conv's input (`depthwise_inputs` order) over
     `num_batches` batches of `loader` (training images: the calibration images). Depends on
     nothing but the FP32 model and those images, so a sweep's runs can share it (fp32_stats)."""
-    from .quantization import training_batches
+    from .calibrate import training_batches
 
     total = training_batches(loader, num_batches, "equalization")
     sites = depthwise_inputs(model)

@@ -14,8 +14,8 @@ import numbers
 
 from torch import nn
 
-from .errors import UserError
-from .model import classifier_name, first_conv_name
+from ..errors import UserError
+from ..model import classifier_name, first_conv_name
 
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP32_BITS = (16, 32)

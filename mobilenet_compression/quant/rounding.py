@@ -26,7 +26,8 @@ as in the final model) and before `bias_correct`.
 import torch
 from torch import nn
 
-from .quantization import QUANT_LAYERS, training_batches
+from .calibrate import training_batches
+from .prepare import QUANT_LAYERS
 
 ROUNDINGS = ("nearest", "gptq")
 DAMP = 0.01  # GPTQ's default: 1% of the mean diagonal of H added to it

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import BatchLoader
-from .quantization import quant_layers
+from ..data import BatchLoader
+from .prepare import quant_layers
 
 LOG_EVERY = 20  # steps between training-curve points in W&B
 

@@ -1,5 +1,5 @@
 """How far a quantized network's outputs are from the FP32 network's, the measure shared by
-the sensitivity table (sensitivity.py) and the activation clip search (clip_search.py), and
+the sensitivity table (sensitivity.py) and the activation clip search (quant/clip_search.py), and
 the best clip of one activation quantizer by that measure."""
 
 import torch

@@ -28,8 +28,9 @@ held-out images (`search_clips_if_better`; run.py: train.py's validation split, 
 
 import torch
 
+from .calibrate import calibration_batch
 from .divergence import FACTORS, FINE, best_clip, feature_block, head, kl
-from .quantization import act_quantizers, calibration_batch, quant_layers
+from .prepare import act_quantizers, quant_layers
 
 SEARCH_BATCHES = 1  # calibration batches (of --calib_batch_size images) the KL is taken on
 
