@@ -24,9 +24,9 @@ def main(argv=None):
     # one line saying which virtualenv to activate, exit 2.
     with requirements_guard():
         if "--sweep" in flags:
-            from mobilenet_compression.agent import main as mode
+            from mobilenet_compression.sweep.cli import main as mode
         elif "--report" in flags:
-            from mobilenet_compression.report import main as mode
+            from mobilenet_compression.sweep.report import main as mode
         else:
             if flags & {"-h", "--help"}:
                 print(__doc__)

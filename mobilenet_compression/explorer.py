@@ -124,7 +124,7 @@ def read_runs(paths):
     label, uniform, method, weight_bits, activation_bits, quant_acc, baseline_acc, acc_drop,
     bitops, compressed_mb, bias_correction, weight_granularity (None where a column is
     missing)."""
-    from . import results
+    from .sweep import results
 
     out = []
     for path in paths:

@@ -41,7 +41,7 @@ import uuid
 
 from filelock import FileLock
 
-from . import bitops, fp32_stats, onnx_export, results, threads
+from . import bitops, fp32_stats, onnx_export, threads
 from .checkpoint import file_digest, load_model
 from .config import (
     CALIBRATIONS,
@@ -66,6 +66,7 @@ from .quant.qat import train_qat
 from .quant.recipe import post_training_quantize
 from .quant.rounding import ROUNDINGS
 from .signals import StopFlag, Stopped
+from .sweep import results
 from .tracking import WANDB_MODES, init_run, resolve_mode
 from .train import resolve_device
 

@@ -121,8 +121,7 @@ def measure(fp32, loader, batches, bits=BITS, calibration="auto", progress=None,
     (default_calibration gives `loss`) the layer's clip moved to the candidate with
     the least KL (divergence.best_clip, as the run's clip search moves it); any other
     method is used as it is."""
-    from .quant.calibrate import default_calibration
-    from .quant.calibrate import calibrate, training_batches
+    from .quant.calibrate import calibrate, default_calibration, training_batches
     from .quant.prepare import quant_layers, quantize_model
     from .quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
 

@@ -5,7 +5,7 @@ wandb's own reader, `wandb leet inspect --summary --json`).
 
 The run program here is a small stand-in written into tmp_path, not mobilenet_compression.run:
 it speaks the same contract (parameters from wandb.config, summary keys, one runs.csv row via
-mobilenet_compression.results) in a second instead of a minute.
+mobilenet_compression.sweep.results) in a second instead of a minute.
 """
 
 import json
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAND_IN = '''
 import argparse, os, sys, time
 import wandb
-from mobilenet_compression import results
+from mobilenet_compression.sweep import results
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--weight_bits", type=int, default=32)
@@ -112,13 +112,12 @@ def only_sweep_dir(results_dir):
 @pytest.mark.parametrize("name, runs", [("bits", 25), ("calibration", 24), ("per_tensor", 25), ("qat", 18), ("bias_correction", 27), ("mixed", 14)])
 def test_repo_sweeps_pass_wandb_schema(name, runs):
     import sweeps
-
-    from mobilenet_compression import agent
+    from mobilenet_compression.sweep import sweep_file
 
     path = REPO / "sweeps" / f"{name}.yaml"
     config = yaml.safe_load(path.read_text())
     assert sweeps.schema_violations_from_proposed_config(config) == []
-    agent.validate_sweep_config(config, path)  # and the local agent accepts it
+    sweep_file.validate_sweep_config(config, path)  # and the local agent accepts it
     assert config["program"] == "sweep.py" and config["method"] == "grid"
     assert config["metric"] == {"name": "quant_acc", "goal": "maximize"}
     assert config["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
@@ -366,10 +365,10 @@ def test_unwritable_results_dir_is_one_clear_error(tmp_path, env):
 def test_launch_matches_wandb_agent(tmp_path, monkeypatch):
     """The argv, environment and parameter file of a run are those wandb's own Agent builds
     (wandb_agent.Agent._command_run, driven directly: it needs no server to launch a run)."""
-    import wandb
     from wandb.wandb_agent import Agent
 
-    from mobilenet_compression import agent
+    import wandb
+    from mobilenet_compression.sweep import launch
 
     dump = tmp_path / "dump.py"
     dump.write_text(
@@ -389,8 +388,8 @@ def test_launch_matches_wandb_agent(tmp_path, monkeypatch):
     # wandb agent runs `python` from PATH: make that this interpreter, as an activated venv does.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
-    ours_env = agent.run_environment(config, "swp00001", tmp_path / "res", str(tmp_path))
-    proc, _ = agent.launch(config, "swp00001", "ourrun01", params, ours_env, str(tmp_path))
+    ours_env = launch.run_environment(config, "swp00001", tmp_path / "res", str(tmp_path))
+    proc, _ = launch.launch(config, "swp00001", "ourrun01", params, ours_env, str(tmp_path))
     assert proc.wait(timeout=30) == 0
 
     for key in ("WANDB_DIR", "WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
@@ -562,9 +561,9 @@ def test_results_dir_set_in_the_sweep_yaml_gets_the_state_and_the_report(tmp_pat
 
 def one_finished_row(tmp_path, yaml_path):
     """The results of a 2-run sweep whose W8 run finished: (sweep dir, runs.csv path)."""
-    from mobilenet_compression import agent, results
+    from mobilenet_compression.sweep import results, sweep_file
 
-    sweep_id = agent.sweep_id_for(yaml.safe_load(yaml_path.read_text()))
+    sweep_id = sweep_file.sweep_id_for(yaml.safe_load(yaml_path.read_text()))
     results.append_run(tmp_path / "res", sweep_id, {
         "run_id": "done0001", "weight_bits": 8, "activation_bits": 8, "quant_acc": 85.0},
         params={"weight_bits": 8, "activation_bits": 8})
@@ -684,16 +683,16 @@ def test_results_dir_that_becomes_unwritable_mid_sweep_is_one_error_and_loses_no
 
 
 def test_runs_share_the_cores(tmp_path, monkeypatch):
-    from mobilenet_compression import agent
+    from mobilenet_compression.sweep import launch
 
     config = {"program": "standin.py", "method": "grid", "parameters": {}}
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    env = agent.run_environment(config, "swp", tmp_path, str(tmp_path), agents=2)
+    env = launch.run_environment(config, "swp", tmp_path, str(tmp_path), agents=2)
     assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
-    assert "OMP_NUM_THREADS" not in agent.run_environment(config, "swp", tmp_path,
+    assert "OMP_NUM_THREADS" not in launch.run_environment(config, "swp", tmp_path,
                                                           str(tmp_path), agents=1)
-    env = agent.run_environment(config, "swp", tmp_path, str(tmp_path), agents=2, threads=3)
+    env = launch.run_environment(config, "swp", tmp_path, str(tmp_path), agents=2, threads=3)
     assert env["OMP_NUM_THREADS"] == "3"  # --threads wins
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # so does the user's own setting
-    assert agent.run_environment(config, "swp", tmp_path, str(tmp_path),
+    assert launch.run_environment(config, "swp", tmp_path, str(tmp_path),
                                  agents=2)["OMP_NUM_THREADS"] == "1"

@@ -15,7 +15,6 @@ import sys
 
 import pytest
 
-from mobilenet_compression import results
 from mobilenet_compression import sensitivity as sens
 from mobilenet_compression.bitops import adaptive_plan, bitops_report, block_of
 from mobilenet_compression.checkpoint import file_digest, load_model
@@ -32,6 +31,7 @@ from mobilenet_compression.quant.precision import (
 )
 from mobilenet_compression.quant.prepare import quantize_model
 from mobilenet_compression.run import export_and_check
+from mobilenet_compression.sweep import results
 from tests.conftest import load, torch_threads
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
 

@@ -1,7 +1,6 @@
 """Mixed-precision plans get each per-bit-width default layer by layer, and a plan run keeps
 the best uniform configuration within its budget when that scores higher on validation."""
 
-import pytest
 import torch
 
 from mobilenet_compression import planner, run

@@ -9,23 +9,23 @@ from torch import nn
 from mobilenet_compression.data import BatchLoader, Split
 from mobilenet_compression.errors import UserError
 from mobilenet_compression.evaluation import eval_loader, evaluate, predict
-from mobilenet_compression.quant.prepare import (
-    QuantConv2d,
-    activations_fp32,
-    QuantLinear,
-    exclusive_input_layers,
-    quant_layers,
-    quantize_model,
-)
 from mobilenet_compression.quant.calibrate import calibrate
+from mobilenet_compression.quant.convert import convert, round_bias_to_int32_grid
+from mobilenet_compression.quant.fake_quant import fake_quantize
 from mobilenet_compression.quant.precision import (
     check_bits,
     quantized_layer_names,
     signed_range,
     unsigned_range,
 )
-from mobilenet_compression.quant.convert import convert, round_bias_to_int32_grid
-from mobilenet_compression.quant.fake_quant import fake_quantize
+from mobilenet_compression.quant.prepare import (
+    QuantConv2d,
+    QuantLinear,
+    activations_fp32,
+    exclusive_input_layers,
+    quant_layers,
+    quantize_model,
+)
 
 N_EVAL = 1000  # test images per accuracy: enough to see a 5-point drop, fast on 2 cores
 CALIB_BATCHES = 2

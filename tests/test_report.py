@@ -1,4 +1,4 @@
-"""runs.csv (mobilenet_compression.results) and the report drawn from it
+"""runs.csv (mobilenet_compression.sweep.results) and the report drawn from it
 (`python sweep.py --report DIR`). Nothing is mocked: real files, real subprocesses."""
 
 import concurrent.futures
@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mobilenet_compression import report, results
 from mobilenet_compression.errors import UserError
+from mobilenet_compression.sweep import report, results
 from tests.conftest import load
 
 REPO = Path(__file__).resolve().parents[1]

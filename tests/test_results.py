@@ -11,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from mobilenet_compression import agent
+
 from mobilenet_compression.checkpoint import load_checkpoint
-from mobilenet_compression.spread import BEFORE_COLUMN
+from mobilenet_compression.sweep import sweep_file
+from mobilenet_compression.sweep.spread import BEFORE_COLUMN
 
 REPO = Path(__file__).resolve().parents[1]
 # The committed checkpoints: (folder, epochs, seed, lowest test accuracy it must have). The
@@ -80,10 +81,10 @@ def test_the_width_1_checkpoint_trained_on_a_gpu_loads_here_and_names_its_recipe
 def _sweep_dir(folder, yaml_name):
     """results/<folder>/<sweep id>/ of a yaml beside its checkpoint (the id hashes the yaml)."""
     strong = REPO / "results" / folder
-    config = agent.load_sweep_config(strong / yaml_name)
+    config = sweep_file.load_sweep_config(strong / yaml_name)
     checkpoint = strong / "best.pt"
     assert config["parameters"]["checkpoint"]["value"] == str(checkpoint.relative_to(REPO))
-    return checkpoint, strong / agent.sweep_id_for(config)
+    return checkpoint, strong / sweep_file.sweep_id_for(config)
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),

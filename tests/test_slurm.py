@@ -137,7 +137,7 @@ def test_many_index_tasks_at_once_lose_no_row_and_run_nothing_twice(tmp_path, en
 
 def test_rows_written_by_many_processes_at_the_same_moment_are_all_kept(tmp_path):
     """runs.csv's lock, hammered: 8 processes append 25 rows each as fast as they can."""
-    script = ("import sys\nfrom mobilenet_compression import results\n"
+    script = ("import sys\nfrom mobilenet_compression.sweep import results\n"
               "for i in range(25):\n"
               "    results.append_run(sys.argv[1], 'swp', {'run_id': f'{sys.argv[2]}-{i}', "
               "'quant_acc': i}, params={'worker': sys.argv[2], 'i': i})\n")

@@ -1,4 +1,4 @@
-"""The spread of a grid over checkpoints (`python -m mobilenet_compression.spread`), as a
+"""The spread of a grid over checkpoints (`python -m mobilenet_compression.sweep.spread`), as a
 real subprocess on runs.csv files in the format runs write."""
 
 import subprocess
@@ -21,7 +21,7 @@ def write_sweep(folder, baseline, accs, **params):
 
 
 def spread(*args):
-    return subprocess.run([sys.executable, "-m", "mobilenet_compression.spread", *args],
+    return subprocess.run([sys.executable, "-m", "mobilenet_compression.sweep.spread", *args],
                           cwd=ROOT, capture_output=True, text=True)
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mobilenet_compression import results
-from mobilenet_compression.files import atomic_write
 from mobilenet_compression.errors import ArgumentParser, UserError, cli
+from mobilenet_compression.files import atomic_write
+from mobilenet_compression.sweep import results
 
 # The parallel-coordinates axes, left to right: what was chosen, what it costs, what it gives.
 AXES = ["weight_bits", "activation_bits", "compression_ratio", "compressed_mb", "bitops",
@@ -43,7 +43,7 @@ HTML_LIMIT_BYTES = 200_000
 # How many folders above a page shared_plotly_js looks for a copy of plotly.js: the sweep's
 # folder's parent, the checkpoint's folder's parent (results/), and the repository.
 PLOTLY_JS_LEVELS = 3
-METRICS_DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 def get_args_parser():
@@ -436,7 +436,6 @@ def _place_labels(fig, ax, xs, ys, texts, front, colors=None):
     """Label points without letting labels overprint: front points first, each label tried at
     a few offsets around its point, and dropped (the table has it) where all of them collide."""
     import numpy as np
-
     from matplotlib.transforms import Bbox
 
     renderer = fig.canvas.get_renderer()

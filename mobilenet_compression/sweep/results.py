@@ -77,7 +77,7 @@ def lock_path(path):
     return path.with_name(f".{path.name}.lock")
 
 
-def _plain(value):
+def plain(value):
     """A CSV cell: numpy/torch scalars become Python numbers, None and NaN become empty."""
     if hasattr(value, "item") and callable(value.item):
         value = value.item()
@@ -151,7 +151,7 @@ def sweep_params_from_env(sweep_id):
 
 
 def _params_json(params):
-    return json.dumps({k: _plain(v) for k, v in params.items()}, sort_keys=True, default=str)
+    return json.dumps({k: plain(v) for k, v in params.items()}, sort_keys=True, default=str)
 
 
 def _same_config(row, params, sweep_id):
@@ -215,7 +215,7 @@ def append_run(results_dir, sweep_id, row, params=None):
     """
     if not row.get("run_id"):
         raise ValueError("a results row needs the W&B run id under 'run_id'")
-    row = {key: _plain(value) for key, value in row.items()}
+    row = {key: plain(value) for key, value in row.items()}
     row.setdefault("sweep_id", sweep_id or "")
     if params is None:
         params = sweep_params_from_env(sweep_id)

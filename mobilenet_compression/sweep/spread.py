@@ -1,7 +1,7 @@
 """Spread of a bits grid over checkpoints: the same sweep run on checkpoints that differ only
 in their training seed, cell by cell.
 
-    python -m mobilenet_compression.spread SWEEP_DIR [SWEEP_DIR ...] --out DIR
+    python -m mobilenet_compression.sweep.spread SWEEP_DIR [SWEEP_DIR ...] --out DIR
 
 Each SWEEP_DIR is a finished sweep's folder (its runs.csv). For every (weight_bits,
 activation_bits) cell this writes, into DIR: spread.md (per cell: mean, sample standard
@@ -16,8 +16,8 @@ vary a setting beside the bits.
 import os
 import sys
 
-from .errors import ArgumentParser, UserError, cli
-from .files import atomic_write
+from ..errors import ArgumentParser, UserError, cli
+from ..files import atomic_write
 
 # Run parameters that must be the same in every sweep of a spread.
 SAME = ("method", "calibration", "bias_correction", "weight_method", "weight_granularity",
@@ -164,7 +164,7 @@ def plot(table, metric, path):
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(prog="python -m mobilenet_compression.spread",
+    p = ArgumentParser(prog="python -m mobilenet_compression.sweep.spread",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("sweeps", nargs="+", help="folders of finished sweeps (runs.csv)")
     p.add_argument("--out", required=True, help="folder for spread.md, spread.csv, spread.png")
