@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mobilenet_compression import onnx_export as ox
+from mobilenet_compression.deploy import onnx_export as ox
 from mobilenet_compression.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from mobilenet_compression.cpu import cpu_isa  # noqa: E402
 from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402

@@ -34,13 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import ArgumentParser, UserError, cli
 from .model import build_model
-from .quant.precision import (
-    FP32,
-    check_bits,
-    quantized_layer_names,
-    uniform_plan,
-    weight_layers,
-)
+from .quant.precision import FP32, check_bits, quantized_layer_names, uniform_plan, weight_layers
 
 TOTAL_KEYS = ("macs", "bitops", "bitops_fp32", "weight_bitops")
 

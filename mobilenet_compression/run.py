@@ -41,7 +41,8 @@ import uuid
 
 from filelock import FileLock
 
-from . import bitops, fp32_stats, onnx_export, threads
+from . import bitops, fp32_stats, threads
+from .deploy import onnx_export
 from .checkpoint import file_digest, load_model
 from .config import (
     CALIBRATIONS,
@@ -55,7 +56,7 @@ from .config import (
 from .data import BatchLoader, load_dataset
 from .errors import ArgumentParser, UserError, cli
 from .evaluation import EVAL_BATCH_SIZE, eval_loader, evaluate, predict
-from .export import MIB, compression_metrics, export_quantized, load_quantized
+from .deploy.export import MIB, compression_metrics, export_quantized, load_quantized
 from .files import atomic_write
 from .processes import process_age_s
 from .quant.convert import convert
@@ -472,7 +473,7 @@ def keep_plan_or_uniform(config, planned, planning, fp32, info, source, calib_lo
     validation images; the better one is kept (a tie keeps the plan). Returns the kept
     model's (qmodel, chosen, score, layer calibration), its choices with `plan_kept`,
     `plan_val_acc`, `uniform_val_acc` and `uniform_rival` added."""
-    from . import planner
+    from .mixed import planner
 
     qmodel, chosen, score, layer_calibration = planned
     rival = planner.best_uniform(fp32, info.input_size, planning["table"],
@@ -517,7 +518,7 @@ def run_plan(config, ckpt, fp32, info, train):
         return (config.weight_bits, config.activation_bits), none
     if config.plan == "adaptive":
         return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), none
-    from . import planner, sensitivity
+    from .mixed import planner, sensitivity
 
     budget = size = None
     if config.bitops_budget:

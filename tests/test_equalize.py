@@ -11,14 +11,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mobilenet_compression import onnx_export as ox
+from mobilenet_compression.deploy import onnx_export as ox
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, predict
-from mobilenet_compression.export import (
-    export_quantized,
-    load_quantized,
-    read_quantized,
-)
+from mobilenet_compression.deploy.export import export_quantized, load_quantized, read_quantized
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
 from mobilenet_compression.quant.equalize import (

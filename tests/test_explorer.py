@@ -15,12 +15,12 @@ import sys
 
 import pytest
 
-from mobilenet_compression import sensitivity as sens
+from mobilenet_compression.mixed import sensitivity as sens
 from mobilenet_compression.bitops import adaptive_plan, bitops_report, block_of
 from mobilenet_compression.checkpoint import file_digest, load_model
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, evaluate
-from mobilenet_compression.explorer import predict_drop, summed_kl
+from mobilenet_compression.mixed.explorer import predict_drop, summed_kl
 from mobilenet_compression.quant.bias_correction import bias_correct
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
@@ -45,7 +45,7 @@ SENSITIVITY = ["--batches", "1", "--batch_size", "32"]  # 32 images: ~30 s on on
 
 def explorer(args, tmp):
     """The command, its sensitivity cache under `tmp`."""
-    return subprocess.run([sys.executable, "-m", "mobilenet_compression.explorer", *args],
+    return subprocess.run([sys.executable, "-m", "mobilenet_compression.mixed.explorer", *args],
                           cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           env={**os.environ, "MOBILENET_COMPRESSION_CACHE": str(tmp / "cache")})
 

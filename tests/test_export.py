@@ -15,7 +15,7 @@ import torch
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
 from mobilenet_compression.evaluation import eval_loader, evaluate, predict
-from mobilenet_compression.export import (
+from mobilenet_compression.deploy.export import (
     activation_compression_ratio,
     activation_elements,
     compressed_mb,

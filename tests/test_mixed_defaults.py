@@ -3,7 +3,8 @@ the best uniform configuration within its budget when that scores higher on vali
 
 import torch
 
-from mobilenet_compression import planner, run
+from mobilenet_compression.mixed import planner
+from mobilenet_compression import run
 from mobilenet_compression.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader

@@ -10,7 +10,7 @@ import onnx
 import pandas as pd
 import pytest
 
-from mobilenet_compression import onnx_export as ox
+from mobilenet_compression.deploy import onnx_export as ox
 from mobilenet_compression.cpu import cpu_isa
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, predict

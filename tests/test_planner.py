@@ -9,11 +9,11 @@ import sys
 import pandas as pd
 import pytest
 
-from mobilenet_compression import planner
+from mobilenet_compression.mixed import planner
 from mobilenet_compression.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.errors import UserError
-from mobilenet_compression.export import load_quantized
+from mobilenet_compression.deploy.export import load_quantized
 from mobilenet_compression.quant.precision import (
     QUANT_BITS,
     quantized_layer_names,

@@ -21,7 +21,7 @@ from mobilenet_compression.checkpoint import FORMAT, atomic_save
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, evaluate
-from mobilenet_compression.export import load_quantized, read_quantized
+from mobilenet_compression.deploy.export import load_quantized, read_quantized
 from mobilenet_compression.model import build_model
 from mobilenet_compression.quant.bias_correction import (
     bias_correct,

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from mobilenet_compression import sensitivity as sens
+from mobilenet_compression.mixed import sensitivity as sens
 from mobilenet_compression.checkpoint import atomic_save, model_from_checkpoint
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
@@ -120,7 +120,7 @@ def test_cache_is_reused_and_a_different_checkpoint_is_measured_again(
 
 
 def test_cli_bad_input_is_one_error_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mobilenet_compression.sensitivity",
+    r = subprocess.run([sys.executable, "-m", "mobilenet_compression.mixed.sensitivity",
                         "--checkpoint", str(tmp_path / "missing.pt")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "does not exist" in r.stderr

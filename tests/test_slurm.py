@@ -241,7 +241,8 @@ def test_a_job_array_of_real_runs_fills_the_grid_once(tmp_path, env, cluster, sm
     (sweep_dir,) = [p.parent for p in res.glob("*/runs.csv")]
     report = sweep(["--report", str(sweep_dir)], tmp_path, senv)
     assert report.returncode == 0, report.stderr
-    assert "4 finished runs" in (sweep_dir / "summary.md").read_text()
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "4 finished runs" in summary and "Made by `python sweep.py --sweep grid.yaml" in summary
 
 
 def test_scancel_of_a_task_records_killed_and_its_index_again_replaces_the_row(

@@ -6,13 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .fake_quant import (
-    MIN_SCALE,
-    MSE_RATIOS,
-    PERCENTILE,
-    fake_quantize,
-    quantize_to_int,
-)
+from .fake_quant import MIN_SCALE, MSE_RATIOS, PERCENTILE, fake_quantize, quantize_to_int
 from .precision import is_fp32, signed_range, unsigned_range, weight_range
 
 

@@ -297,6 +297,8 @@ class LocalAgent:
         if done:
             print(f"{label}: run {done} already finished it: {what}", flush=True)
             return "finished"
+        update_state(self.state_path, lambda state: state.update(  # as start() records it
+            sweep_id=self.sweep_id, sweep_file=str(self.sweep_path), config=self.config))
         try:
             with uninterrupted():  # a claimed run is always launched and tracked
                 run_id, _ = self.claim(params)

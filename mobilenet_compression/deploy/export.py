@@ -52,12 +52,12 @@ import safetensors.numpy
 import torch
 from torch import nn
 
-from .errors import UserError
-from .files import atomic_write
-from .model import build_model
-from .quant.equalize import clamp_table, restore_clamps
-from .quant.precision import is_fp32
-from .quant.prepare import activations_fp32, quant_layers, quantize_model
+from ..errors import UserError
+from ..files import atomic_write
+from ..model import build_model
+from ..quant.equalize import clamp_table, restore_clamps
+from ..quant.precision import is_fp32
+from ..quant.prepare import activations_fp32, quant_layers, quantize_model
 
 FORMAT = "mobilenet-compression/quantized-v2"
 MIB = 2**20

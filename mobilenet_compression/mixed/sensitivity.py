@@ -1,6 +1,6 @@
 """Per-layer sensitivity: what quantizing ONE layer alone does to the network's outputs.
 
-    python -m mobilenet_compression.sensitivity --checkpoint CKPT [--heatmap PNG]
+    python -m mobilenet_compression.mixed.sensitivity --checkpoint CKPT [--heatmap PNG]
 
 For each quantized layer (every Conv2d/Linear but the stem and the classifier) and each bit
 width b in 2..8: the layer's weights at b bits (everything else FP32), and separately its
@@ -35,10 +35,10 @@ import time
 
 import torch
 
-from .environment import cache_folder
-from .errors import ArgumentParser, UserError, cli
-from .files import atomic_write
-from .quant.divergence import best_clip, head, kl
+from ..environment import cache_folder
+from ..errors import ArgumentParser, UserError, cli
+from ..files import atomic_write
+from ..quant.divergence import best_clip, head, kl
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 VERSION = 2  # part of the cache key: bump when the measurement changes
@@ -92,7 +92,7 @@ class _Suffix:
 
 def _fp32_hessians(fp32, images, names):
     """{layer name: H of its FP32 inputs} (rounding.add_hessian) over `images`, one pass."""
-    from .quant.rounding import add_hessian
+    from ..quant.rounding import add_hessian
 
     modules = dict(fp32.named_modules())
     hs, handles = {}, []
@@ -121,9 +121,9 @@ def measure(fp32, loader, batches, bits=BITS, calibration="auto", progress=None,
     (default_calibration gives `loss`) the layer's clip moved to the candidate with
     the least KL (divergence.best_clip, as the run's clip search moves it); any other
     method is used as it is."""
-    from .quant.calibrate import calibrate, default_calibration, training_batches
-    from .quant.prepare import quant_layers, quantize_model
-    from .quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
+    from ..quant.calibrate import calibrate, default_calibration, training_batches
+    from ..quant.prepare import quant_layers, quantize_model
+    from ..quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
 
     if rounding not in ROUNDINGS:
         raise UserError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}.")
@@ -197,8 +197,8 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
     images, as runs with --equalize true quantize it. Returns (table, cached: bool)."""
     from filelock import FileLock
 
-    from .checkpoint import file_digest, load_model
-    from .data import BatchLoader, load_dataset
+    from ..checkpoint import file_digest, load_model
+    from ..data import BatchLoader, load_dataset
 
     ckpt, fp32 = load_model(checkpoint)  # every way the checkpoint is wrong: a UserError
     digest = file_digest(checkpoint)
@@ -235,7 +235,7 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
         if equalize:
-            from .quant.equalize import equalize_depthwise_inputs
+            from ..quant.equalize import equalize_depthwise_inputs
 
             fp32, _ = equalize_depthwise_inputs(fp32, loader, batches)
         table = measure(fp32, loader, batches, bits, calibration, tick, rounding)
@@ -251,13 +251,13 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
 
 
 def _quantized_names(model):
-    from .quant.precision import quantized_layer_names
+    from ..quant.precision import quantized_layer_names
 
     return quantized_layer_names(model)
 
 
 def _macs(model, input_size):
-    from .bitops import layer_stats
+    from ..bitops import layer_stats
 
     return {r["name"]: r["macs"] for r in layer_stats(model, input_size)}
 
@@ -302,7 +302,7 @@ def heatmap(table, path):
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(prog="python -m mobilenet_compression.sensitivity",
+    p = ArgumentParser(prog="python -m mobilenet_compression.mixed.sensitivity",
                        description="Per-layer sensitivity of a checkpoint to weight and "
                                    "activation bits (each layer alone), on training images.")
     p.add_argument("--checkpoint", required=True, help="FP32 checkpoint written by train.py")
@@ -328,12 +328,12 @@ def main(argv=None):
     p.add_argument("--heatmap", default=None, help="write the layer x bits heat map here (PNG)")
     p.add_argument("--cache_dir", default=None, help="cache folder (default: "
                    "$MOBILENET_COMPRESSION_CACHE/sensitivity or ~/.cache/...)")
-    from . import threads
+    from .. import threads
     threads.add_argument(p)
     args = p.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1:
         raise UserError("--batches and --batch_size must be positive integers.")
-    from .config import parse_bool
+    from ..config import parse_bool
 
     equalize = parse_bool(args.equalize, "--equalize")
     threads.set_threads(args.threads)

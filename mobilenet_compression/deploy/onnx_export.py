@@ -62,8 +62,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cpu import cpu_isa
-from .errors import UserError
+from ..cpu import cpu_isa
+from ..errors import UserError
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
@@ -100,7 +100,7 @@ def available():
 def onnx_exportable(qmodel):
     """True when every quantized layer has weights and activations of at most 8 bits (what
     the issue's contract asks to export; a layer at 16/32 bits keeps the run torch-only)."""
-    from .quant.prepare import quant_layers
+    from ..quant.prepare import quant_layers
 
     layers = quant_layers(qmodel)
     return bool(layers) and all(m.weight_quant.enabled and m.input_quant.enabled
@@ -182,8 +182,8 @@ class _Graph:
 
     def conv_or_linear(self, x, layer, bn, stem):
         """One Conv2d / Linear (quantized or FP32), with the BatchNorm after it folded."""
-        from .quant.convert import batchnorm_factors
-        from .quant.prepare import QUANT_LAYERS
+        from ..quant.convert import batchnorm_factors
+        from ..quant.prepare import QUANT_LAYERS
 
         quantized = isinstance(layer, QUANT_LAYERS)
         weight = layer.weight.detach().double()
@@ -300,7 +300,7 @@ def output_scales(qmodel, loader, num_batches=None):
     (scale, zero point of its uint8 codes)."""
     from torchvision.models.mobilenetv2 import InvertedResidual
 
-    from .quant.calibrate import training_batches
+    from ..quant.calibrate import training_batches
 
     total = training_batches(loader, num_batches, "ONNX export calibration")
     absmax, hooks, signed = {}, [], {}
@@ -398,7 +398,7 @@ def check_int16_pairs(proto):
     """Raise ValueError unless every integer layer's pair sums fit int16
     (`int16_pair_bounds`): then each of ONNX Runtime's int8 kernels (x86 with AVX2,
     AVX-512, VNNI or AMX, ARM) computes the same integers, the PyTorch model's."""
-    from .quant.precision import INT16_MAX
+    from ..quant.precision import INT16_MAX
 
     over = {k: v for k, v in int16_pair_bounds(proto).items() if v > INT16_MAX}
     if over:
@@ -408,7 +408,7 @@ def check_int16_pairs(proto):
 
 def export_onnx(model, path, input_shape, output_scales=None):
     """Write `model` as ONNX (QDQ where quantized) to `path` atomically; returns the proto."""
-    from .files import atomic_write
+    from ..files import atomic_write
 
     proto, _ = build_onnx(model, input_shape, output_scales)
     data = proto.SerializeToString()

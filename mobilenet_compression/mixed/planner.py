@@ -23,10 +23,10 @@ import math
 import os
 import tempfile
 
-from .bitops import bitops_report
-from .config import UNIFORM_BUDGET, budget_text
-from .errors import UserError
-from .quant.precision import QUANT_BITS, quantized_layer_names, uniform_plan
+from ..bitops import bitops_report
+from ..config import UNIFORM_BUDGET, budget_text
+from ..errors import UserError
+from ..quant.precision import QUANT_BITS, quantized_layer_names, uniform_plan
 
 GIGA = 1e9
 MIB = 2**20
@@ -60,14 +60,14 @@ def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction, equaliz
     """Bytes of the file export.py writes for this checkpoint at W8A8, prepared as run.py
     prepares a run ([equalize,] calibrate, bias correction, convert), on 32 training images
     since only the tensors' sizes matter, in a temporary folder that is removed afterwards."""
-    from .checkpoint import file_digest
-    from .data import BatchLoader
-    from .export import export_quantized
-    from .quant.bias_correction import bias_correct
-    from .quant.calibrate import calibrate
-    from .quant.convert import convert
-    from .quant.equalize import equalize_depthwise_inputs
-    from .quant.prepare import quantize_model
+    from ..checkpoint import file_digest
+    from ..data import BatchLoader
+    from ..deploy.export import export_quantized
+    from ..quant.bias_correction import bias_correct
+    from ..quant.calibrate import calibrate
+    from ..quant.convert import convert
+    from ..quant.equalize import equalize_depthwise_inputs
+    from ..quant.prepare import quantize_model
 
     loader = BatchLoader(train.head(32), info, 32, channels_last=True)
     if equalize:  # its clamps' table is part of the file
@@ -88,7 +88,7 @@ def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction, equaliz
 def size_model(checkpoint, ckpt, fp32, train, info, bias_correction, equalize=False):
     """Fixed bytes of this checkpoint's exported file: a real W8A8 export (prepared as a run
     prepares one) minus its packed weights; a plan adds ceil(parameters x bits / 8) per layer."""
-    from .quant.precision import weight_layers
+    from ..quant.precision import weight_layers
 
     names = set(quantized_layer_names(fp32))
     packed = sum(m.weight.numel() for n, m in weight_layers(fp32) if n in names)  # 8 bits
@@ -100,7 +100,7 @@ def parse_size_budget(value, fixed, model):
     """Bytes from --size_budget_mb (MiB, as compressed_mb counts them); one UserError when no
     plan can fit (below the all-2-bit file) ."""
     names = set(quantized_layer_names(model))
-    from .quant.precision import weight_layers
+    from ..quant.precision import weight_layers
 
     low = fixed + sum(math.ceil(m.weight.numel() * 2 / 8) for n, m in weight_layers(model)
                       if n in names) + SIZE_MARGIN
@@ -114,7 +114,7 @@ def parse_size_budget(value, fixed, model):
 def packed_weight_bytes(model, names, bits=QUANT_BITS):
     """{(layer, weight bits): bytes of its packed weights, ceil(parameters x bits / 8)}: the
     part of the predicted file size each quantized layer adds."""
-    from .quant.precision import weight_layers
+    from ..quant.precision import weight_layers
 
     params = {n: m.weight.numel() for n, m in weight_layers(model)}
     return {(n, w): math.ceil(params[n] * w / 8) for n in names for w in bits}

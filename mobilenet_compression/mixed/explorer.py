@@ -1,7 +1,7 @@
 """The plan explorer: one self-contained HTML page where a person sets each block's weight and
 activation bits and sees at once what that plan costs and what it is likely to lose.
 
-    python -m mobilenet_compression.explorer --checkpoint CKPT [--data_dir DIR] \
+    python -m mobilenet_compression.mixed.explorer --checkpoint CKPT [--data_dir DIR] \
         [--runs SWEEP_DIR ...] --out PAGE.html
 
 For every change of a control the page shows, computed in the browser from numbers this
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArgumentParser, UserError, cli
+from ..errors import ArgumentParser, UserError, cli
 
 MIB = 2**20
 SIZE_TOLERANCE = 0.001  # the size prediction is stated (and tested) within 0.1% of the file
@@ -46,8 +46,8 @@ def layer_table(model, input_size, table):
     """(layers, fp32_bitops): one dict per quantized layer in network order (name, block,
     macs, params: the weight's element count, w / a: its weight / activation KL at bits
     2..8), and the BitOps of the layers that stay FP32 (stem conv, classifier)."""
-    from .bitops import bitops_report, block_of
-    from .quant.precision import quantized_layer_names, weight_layers
+    from ..bitops import bitops_report, block_of
+    from ..quant.precision import quantized_layer_names, weight_layers
     from .sensitivity import BITS
 
     names = quantized_layer_names(model)
@@ -124,7 +124,7 @@ def read_runs(paths):
     label, uniform, method, weight_bits, activation_bits, quant_acc, baseline_acc, acc_drop,
     bitops, compressed_mb, bias_correction, weight_granularity (None where a column is
     missing)."""
-    from .sweep import results
+    from ..sweep import results
 
     out = []
     for path in paths:
@@ -181,9 +181,9 @@ def fit_points(runs, layers):
 def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size=128,
                   bias_correction=True, verbose=True):
     """Everything the page needs, as a JSON-ready dict (the page computes the rest)."""
-    from .checkpoint import load_model
-    from .data import load_dataset
-    from .export import orig_mb
+    from ..checkpoint import load_model
+    from ..data import load_dataset
+    from ..deploy.export import orig_mb
     from .sensitivity import BITS, sensitivity
 
     ckpt, fp32 = load_model(checkpoint)
@@ -292,297 +292,17 @@ def render(data):
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     title = (f"Plan explorer: MobileNetV2 w{data['width_multiplier']:g} on {data['dataset']} "
              f"({data['checkpoint']})")
-    return (PAGE.replace("{{TITLE}}", html.escape(title))
+    page = Path(__file__).with_name("explorer.html").read_text()
+    return (page.replace("{{TITLE}}", html.escape(title))
             .replace("{{NOTES}}", "".join(f"<p>{html.escape(n)}</p>" for n in notes(data)))
             .replace("{{DATA}}", payload))
-
-
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{{TITLE}}</title>
-<style>
-body { font: 13px/1.35 system-ui, sans-serif; margin: 12px 16px; color: #1a202c; }
-h1 { font-size: 16px; margin: 0 0 8px; font-weight: 600; }
-.cards { display: flex; gap: 10px; margin-bottom: 10px; }
-.card { border: 1px solid #cbd5e0; border-radius: 6px; padding: 6px 12px; min-width: 150px; }
-.card .v { font-size: 22px; font-weight: 600; font-variant-numeric: tabular-nums; }
-.card .k, .card .s { color: #4a5568; font-size: 12px; }
-.main { display: flex; gap: 14px; align-items: flex-start; }
-.plot { flex: 1 1 auto; min-width: 360px; max-width: 760px; }
-#chart { width: 100%; height: auto; display: block; }
-table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
-th, td { padding: 1px 6px; text-align: right; white-space: nowrap; }
-th { font-weight: 600; color: #4a5568; border-bottom: 1px solid #cbd5e0; }
-td:first-child, th:first-child { text-align: left; }
-tr.all td { border-bottom: 1px solid #cbd5e0; padding-bottom: 3px; font-weight: 600; }
-select { font: inherit; padding: 0 2px; }
-.bar { display: inline-block; height: 8px; background: #90cdf4; vertical-align: middle; }
-#chart { border: 1px solid #e2e8f0; border-radius: 6px; }
-.notes { color: #4a5568; max-width: 1160px; margin-top: 8px; font-size: 12px; }
-.notes p { margin: 3px 0; }
-svg text { font: 11px system-ui, sans-serif; fill: #4a5568; }
-</style>
-</head>
-<body>
-<h1>{{TITLE}}</h1>
-<div class="cards">
-  <div class="card"><div class="k">BitOps per image</div>
-    <div class="v"><span id="bitops">-</span> G</div><div class="s" id="bitops-note"></div></div>
-  <div class="card"><div class="k">compressed file</div>
-    <div class="v"><span id="mb">-</span> MB</div><div class="s" id="mb-note"></div></div>
-  <div class="card"><div class="k">predicted accuracy drop</div>
-    <div class="v"><span id="drop">-</span></div><div class="s" id="drop-note"></div></div>
-  <div class="card"><div class="k">summed KL (sensitivity)</div>
-    <div class="v"><span id="kl">-</span></div><div class="s" id="bits-note"></div></div>
-</div>
-<div class="main">
-  <table id="controls">
-    <thead><tr><th>block</th><th title="quantized layers in the block">layers</th>
-      <th>MACs</th><th>W bits</th><th>A bits</th><th>BitOps share</th><th>KL</th></tr></thead>
-    <tbody></tbody>
-  </table>
-  <div class="plot">
-    <svg id="chart" viewBox="0 0 640 440"></svg>
-    <label><input type="checkbox" id="zoom" checked> zoom in on the top 12 points of
-      accuracy (clear it to see every run)</label>
-  </div>
-</div>
-<div class="notes" id="notes">{{NOTES}}</div>
-<script type="application/json" id="explorer-data">{{DATA}}</script>
-<script>
-"use strict";
-const D = JSON.parse(document.getElementById("explorer-data").textContent);
-const BITS = D.bits, SVGNS = "http://www.w3.org/2000/svg", MIB = 1048576;
-const blocks = [...new Set(D.layers.map(l => l.block))];
-const $ = id => document.getElementById(id);
-const pct = x => x.toFixed(2) + "%";
-
-function el(tag, attrs, parent, text) {  // an SVG element (a div for the bars)
-  const ns = tag === "div" ? "http://www.w3.org/1999/xhtml" : SVGNS;
-  const e = document.createElementNS(ns, tag);
-  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
-  if (text !== undefined) e.textContent = text;
-  if (parent) parent.appendChild(e);
-  return e;
-}
-function bitsSelect(id, withMixed) {
-  const s = document.createElement("select");
-  s.id = id;
-  if (withMixed) s.add(new Option("mixed", ""));
-  for (const b of BITS) s.add(new Option(String(b), String(b)));
-  s.value = "8";
-  return s;
-}
-function cell(tr, content) {
-  const td = tr.insertCell();
-  if (content instanceof Node) td.appendChild(content); else td.textContent = content;
-  return td;
-}
-function si(x) {
-  for (const [unit, scale] of [["G", 1e9], ["M", 1e6], ["k", 1e3]])
-    if (x >= scale) return (x / scale).toPrecision(3) + " " + unit;
-  return String(x);
-}
-
-// ---- controls: one row per block, under an "all blocks" row
-const body = document.querySelector("#controls tbody");
-const macsOf = {}, layersOf = {};
-for (const l of D.layers) {
-  macsOf[l.block] = (macsOf[l.block] || 0) + l.macs;
-  (layersOf[l.block] = layersOf[l.block] || []).push(l.name);
-}
-const all = body.insertRow();
-all.className = "all";
-for (const c of ["all blocks", D.layers.length, si(D.layers.reduce((t, l) => t + l.macs, 0)),
-                 bitsSelect("w-all", true), bitsSelect("a-all", true), "", ""]) cell(all, c);
-const shareCell = {}, klCell = {};
-for (const b of blocks) {
-  const tr = body.insertRow();
-  cell(tr, b).title = layersOf[b].join("\\n");
-  for (const c of [layersOf[b].length, si(macsOf[b]), bitsSelect("w-" + b),
-                   bitsSelect("a-" + b)]) cell(tr, c);
-  shareCell[b] = cell(tr, "");
-  klCell[b] = cell(tr, "");
-}
-
-function currentPlan() {
-  return Object.fromEntries(blocks.map(b => [b, [+$("w-" + b).value, +$("a-" + b).value]]));
-}
-
-// ---- the numbers, as bitops.py counts BitOps, export.py lays out the file, the curve fits
-function evaluate(plan) {
-  let bitops = D.fp32_bitops, bytes = D.size.fixed_bytes, kl = 0, macs = 0, wsum = 0, asum = 0;
-  const blockOps = {}, blockKl = {};
-  for (const l of D.layers) {
-    const [w, a] = plan[l.block];
-    const ops = l.macs * w * a, k = l.w[BITS.indexOf(w)] + l.a[BITS.indexOf(a)];
-    bitops += ops;
-    bytes += Math.ceil(l.params * w / 8);
-    kl += k;
-    macs += l.macs; wsum += l.macs * w; asum += l.macs * a;
-    blockOps[l.block] = (blockOps[l.block] || 0) + ops;
-    blockKl[l.block] = (blockKl[l.block] || 0) + k;
-  }
-  const f = D.fit;
-  const drop = f ? f.dmax / (1 + Math.pow(f.s0 / Math.max(kl, 1e-12), f.k)) : null;
-  return {bitops, bytes, kl, drop, blockOps, blockKl, meanW: wsum / macs, meanA: asum / macs};
-}
-
-// ---- the chart: the measured runs and the current plan
-const C = {w: 640, h: 440, l: 56, r: 14, t: 14, b: 44};
-const plotW = C.w - C.l - C.r, plotH = C.h - C.t - C.b;
-const svg = $("chart");
-const runOps = D.runs.map(r => r.bitops), runAcc = D.runs.map(r => r.quant_acc);
-const uniformOps = bits => evaluate(Object.fromEntries(blocks.map(b => [b, [bits, bits]]))).bitops;
-const xMin = Math.min(uniformOps(2), ...runOps) * 0.95;
-const xMax = Math.max(uniformOps(8), ...runOps) * 1.03;
-let yMin = 0, yMax = 100;
-const X = v => C.l + (v - xMin) / (xMax - xMin) * plotW;
-const Y = v => C.t + (yMax - v) / (yMax - yMin) * plotH;
-function ticks(a, b, n) {
-  const rough = (b - a) / n, mag = Math.pow(10, Math.floor(Math.log10(rough)));
-  const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= rough);
-  const out = [];
-  for (let v = Math.ceil(a / step) * step; v <= b + 1e-9; v += step) out.push(+v.toPrecision(10));
-  return out;
-}
-let marker = null, markerTitle = null, guide = null;
-function drawChart() {
-  while (svg.firstChild) svg.removeChild(svg.firstChild);
-  if (!D.runs.length) {
-    el("text", {x: C.w / 2, y: C.h / 2, "text-anchor": "middle"}, svg,
-       "no runs given (--runs): nothing measured to draw");
-    return;
-  }
-  const top = Math.max(D.baseline_acc || 0, ...runAcc);
-  yMax = Math.min(100, Math.ceil(top + 1.5));
-  yMin = $("zoom").checked ? Math.floor(top - 12)
-                           : Math.max(0, Math.floor(Math.min(...runAcc) / 10) * 10 - 5);
-  const frame = {x: C.l, y: C.t, width: plotW, height: plotH};
-  el("clipPath", {id: "plot"}, svg).appendChild(el("rect", frame));
-  for (const v of ticks(yMin, yMax, 6)) {
-    el("line", {x1: C.l, x2: C.w - C.r, y1: Y(v), y2: Y(v), stroke: "#edf2f7"}, svg);
-    el("text", {x: C.l - 6, y: Y(v) + 4, "text-anchor": "end"}, svg, v + "%");
-  }
-  for (const v of ticks(xMin / 1e9, xMax / 1e9, 7)) {
-    el("line", {x1: X(v * 1e9), x2: X(v * 1e9), y1: C.t, y2: C.h - C.b, stroke: "#edf2f7"}, svg);
-    el("text", {x: X(v * 1e9), y: C.h - C.b + 15, "text-anchor": "middle"}, svg, v);
-  }
-  el("rect", {...frame, fill: "none", stroke: "#a0aec0"}, svg);
-  el("text", {x: C.l + plotW / 2, y: C.h - 8, "text-anchor": "middle"}, svg,
-     "BitOps per image (G)");
-  const mid = C.t + plotH / 2;
-  el("text", {x: 14, y: mid, "text-anchor": "middle", transform: `rotate(-90 14 ${mid})`}, svg,
-     "test accuracy (%)");
-  const g = el("g", {"clip-path": "url(#plot)"}, svg);
-  if (D.baseline_acc != null) {
-    const y = Y(D.baseline_acc);
-    el("line", {x1: C.l, x2: C.w - C.r, y1: y, y2: y, stroke: "#718096",
-                "stroke-dasharray": "4 3"}, g);
-    el("text", {x: C.l + 6, y: y - 5}, g, "FP32 " + pct(D.baseline_acc));
-  }
-  for (const r of D.runs) {  // the fit's miss on each run it was fitted to, in grey
-    if (r.predicted_acc === null) continue;
-    const x = X(r.bitops), y = Y(r.predicted_acc);
-    el("line", {x1: x, x2: x, y1: Y(r.quant_acc), y2: y, stroke: "#a0aec0"}, g);
-    el("circle", {cx: x, cy: y, r: 3, fill: "white", stroke: "#718096", class: "fitted"}, g);
-  }
-  for (const r of D.runs) {
-    const colour = r.uniform ? "#2b6cb0" : "#dd6b20";
-    const c = el("circle", {cx: X(r.bitops), cy: Y(r.quant_acc), r: 4.5, stroke: colour,
-                            fill: r.method === "ptq" ? colour : "white", "fill-opacity": 0.8,
-                            "stroke-width": 1.5, class: "run " + (r.uniform ? "uniform" : "mixed")},
-                    g);
-    el("title", {}, c, r.label + " " + pct(r.quant_acc));
-  }
-  guide = el("line", {stroke: "#e53e3e", "stroke-dasharray": "2 3", y1: C.t, y2: C.h - C.b}, g);
-  marker = el("path", {id: "marker", fill: "#e53e3e", stroke: "#742a2a"}, g);
-  markerTitle = el("title", {}, marker);
-  const legend = [["#2b6cb0", "uniform runs"], ["#dd6b20", "mixed-precision runs"],
-                  ["#a0aec0", "the fit at a uniform run"], ["#e53e3e", "this plan (predicted)"]];
-  const lx = C.w - C.r - 150, ly = C.h - C.b - 14 - 16 * legend.length;
-  el("text", {x: lx, y: ly}, svg, "hollow: QAT");
-  legend.forEach(([colour, text], i) => {
-    el("rect", {x: lx, y: ly + 16 * (i + 1) - 8, width: 9, height: 9, fill: colour}, svg);
-    el("text", {x: lx + 14, y: ly + 16 * (i + 1)}, svg, text);
-  });
-}
-
-function update() {
-  const v = evaluate(currentPlan());
-  const show = (id, text, value) => {
-    $(id).textContent = text;
-    if (value === undefined) delete $(id).dataset.value; else $(id).dataset.value = String(value);
-  };
-  show("bitops", (v.bitops / 1e9).toFixed(4), v.bitops);
-  $("bitops-note").textContent = (D.bitops_fp32 / v.bitops).toFixed(1) + "x fewer than FP32";
-  show("mb", (v.bytes / MIB).toFixed(4), v.bytes);
-  $("mb-note").textContent = (D.size.orig_mb * MIB / v.bytes).toFixed(2) +
-                             "x smaller than FP32 (" + D.size.orig_mb.toFixed(3) + " MB)";
-  show("kl", v.kl.toPrecision(3), v.kl);
-  $("bits-note").textContent = "mean bits W" + v.meanW.toFixed(2) + " A" + v.meanA.toFixed(2) +
-                               " (MAC-weighted)";
-  if (v.drop !== null) {
-    show("drop", v.drop.toFixed(2) + " pts", v.drop);
-    $("drop-note").textContent = "estimate: " + pct(D.baseline_acc - v.drop) +
-                                 " (FP32 " + pct(D.baseline_acc) + ")";
-  } else {
-    show("drop", "n/a");
-    $("drop-note").textContent = D.runs_given ? "too few uniform PTQ runs to calibrate"
-                                              : "no runs given to calibrate a drop";
-  }
-  const most = Math.max(...blocks.map(b => v.blockOps[b]));
-  for (const b of blocks) {
-    shareCell[b].textContent = "";
-    const width = Math.round(40 * v.blockOps[b] / most);
-    el("div", {class: "bar", style: "width:" + width + "px"}, shareCell[b]);
-    shareCell[b].append(" " + (100 * v.blockOps[b] / v.bitops).toFixed(1) + "%");
-    klCell[b].textContent = v.blockKl[b].toExponential(1);
-  }
-  for (const kind of ["w", "a"]) {  // "all blocks" shows the common bits, else "mixed"
-    const values = new Set(blocks.map(b => $(kind + "-" + b).value));
-    $(kind + "-all").value = values.size === 1 ? [...values][0] : "";
-  }
-  if (guide) {
-    const x = X(v.bitops);
-    guide.setAttribute("x1", x);
-    guide.setAttribute("x2", x);
-  }
-  if (marker && v.drop !== null) {
-    const x = X(v.bitops), y = Y(D.baseline_acc - v.drop);
-    marker.setAttribute("d", `M${x},${y - 8}L${x + 7},${y}L${x},${y + 8}L${x - 7},${y}Z`);
-    markerTitle.textContent = "this plan: " + (v.bitops / 1e9).toFixed(4) +
-                              " GBitOps, predicted " + pct(D.baseline_acc - v.drop);
-  }
-}
-
-for (const kind of ["w", "a"]) {
-  for (const ev of ["input", "change"]) {
-    for (const b of blocks) $(kind + "-" + b).addEventListener(ev, update);
-    $(kind + "-all").addEventListener(ev, () => {
-      const value = $(kind + "-all").value;
-      if (value) for (const b of blocks) $(kind + "-" + b).value = value;
-      update();
-    });
-  }
-}
-$("zoom").addEventListener("change", () => { drawChart(); update(); });
-
-drawChart();
-update();
-</script>
-</body>
-</html>
-"""
 
 
 # ----------------------------------------------------------------------------- command line
 
 def get_args_parser():
     p = ArgumentParser(
-        prog="python -m mobilenet_compression.explorer",
+        prog="python -m mobilenet_compression.mixed.explorer",
         description="Write one self-contained HTML page to try per-block weight/activation "
                     "bits of a checkpoint and see its BitOps, compressed size and predicted "
                     "accuracy drop at once.")
@@ -596,13 +316,13 @@ def get_args_parser():
     p.add_argument("--out", required=True, help="the page to write (.html)")
     p.add_argument("--batches", type=int, default=2,
                    help="training batches the sensitivities are measured on (default: 2, "
-                        "as in python -m mobilenet_compression.sensitivity, whose cache it "
+                        "as in python -m mobilenet_compression.mixed.sensitivity, whose cache it "
                         "shares)")
     p.add_argument("--batch_size", type=int, default=128, help="images per batch (default: 128)")
     p.add_argument("--bias_correction", default="true",
                    help="whether the sized files have bias correction, as runs do by default "
                         "(default: true)")
-    from . import threads
+    from .. import threads
     threads.add_argument(p)
     return p
 
@@ -624,9 +344,9 @@ def check_out(path):
 
 @cli
 def main(argv=None):
-    from . import threads
-    from .config import parse_bool
-    from .files import atomic_write
+    from .. import threads
+    from ..config import parse_bool
+    from ..files import atomic_write
 
     args = get_args_parser().parse_args(argv)
     out = check_out(args.out)
