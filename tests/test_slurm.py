@@ -100,7 +100,7 @@ def test_index_bad_input_is_one_error_line_and_writes_nothing(tmp_path, env):
         (["--sweep", "random.yaml", "--index", "0"], "only a grid sweep can be listed"),
         (["--sweep", "broken.yaml", "--list"], "broken.yaml is not valid YAML at line"),
         (["--sweep", "grid.yaml", "--index", "1", "--agents", "2"], "do not apply"),
-        (["--sweep", "grid.yaml", "--index", "-1"], "must be 0 or more"),
+        (["--sweep", "grid.yaml", "--index", "-1"], "must be at least 0"),
     ]
     for args, message in cases:
         one_error_line(sweep([*args, "--results_dir", str(res)], tmp_path, env), message)

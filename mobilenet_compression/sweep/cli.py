@@ -20,18 +20,14 @@ from mobilenet_compression.sweep.sweep_file import (
 )
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def _int_at_least(minimum):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def get_args_parser():
@@ -42,9 +38,9 @@ def get_args_parser():
     parser.add_argument("--sweep", required=True, metavar="YAML",
                         help="the sweep yaml, the same file `wandb sweep` takes "
                              "(e.g. sweeps/bits.yaml)")
-    parser.add_argument("--agents", type=_positive_int, default=1, metavar="K",
+    parser.add_argument("--agents", type=_int_at_least(1), default=1, metavar="K",
                         help="runs at a time, like K `wandb agent` processes (default: 1)")
-    parser.add_argument("--count", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--count", type=_int_at_least(1), default=None, metavar="N",
                         help="at most N finished runs in the sweep; running the command again "
                              "tops it up to N. Needed for random and bayes, which never end by "
                              "themselves (default: the whole grid)")
@@ -53,7 +49,7 @@ def get_args_parser():
                              "<results_dir>/<sweep_id>/; passed to every run. A results_dir "
                              "parameter in the yaml wins, as it does for the runs (default: "
                              "$MOBILENET_COMPRESSION_RESULTS_DIR, else results)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
                         help="CPU threads of each run (OMP_NUM_THREADS); several agents on "
                              "one machine should share its cores (default: $OMP_NUM_THREADS, "
                              "else cores / K)")
@@ -62,7 +58,7 @@ def get_args_parser():
                           help="a grid sweep's runs, one line each (index, parameters), also "
                                "recorded in <results_dir>/<sweep_id>/grid.json for --index; "
                                "run nothing")
-    by_index.add_argument("--index", type=_non_negative_int, default=None, metavar="N",
+    by_index.add_argument("--index", type=_int_at_least(0), default=None, metavar="N",
                           help="run only the N-th run of the grid (0-based, as --list numbers "
                                "them), as the agent would: one task of a job array, e.g. "
                                "--index $SLURM_ARRAY_TASK_ID; a finished one is not run again")
