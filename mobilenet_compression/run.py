@@ -1,25 +1,23 @@
 """One quantization run: what `python sweep.py --checkpoint ... --weight_bits 4
 --activation_bits 8` does, and what `wandb agent` launches for every run of a sweep.
 
-The flow, each step a named function a reader can find:
+The flow, each step a named function a reader can find (`quantize_and_measure`):
 
     config  = RunConfig.from_dict(flags, or flags overridden by wandb.config)
-    loaded  = load_model(checkpoint)                       FP32 model + its metadata
-    data    = load_run_data(...)                           calibration/QAT and test images
-    source  = equalize_depthwise_inputs(...) if asked      same FP32 function, even ranges
-    qmodel  = quantize_model(source, ...)                  prepare: swap layers
-    calibrate(...); gptq(...) if asked                     PTQ: activation ranges, weight
-    search_clips_if_better(...) if --calibration loss      rounding, clips by the output,
-    bias_correct(...) if asked                             bias (the clips, and auto's bias,
-                                                           kept if they help on validation
-                                                           images)
-    train_qat(...) if method == "qat"                      QAT (LSQ)
-    convert(qmodel)                                        freeze
-    quant_acc = accuracy(predict(qmodel, test))            measure (torch engine)
-    export_and_check(...); measure(...)                    file, sizes, BitOps
-    measure_onnx(...)                                      ONNX file, ONNX Runtime: onnx_*
-                                                           (quant_acc with --engine onnxruntime)
-    log_run(...); results.append_run(...)                  W&B summary/artifact, runs.csv
+    loaded  = load_model(checkpoint)                     FP32 model + its metadata
+    d       = load_step(...)                             threads, device, data splits, ids
+    plan    = run_plan(...)                              bits per layer (mixed/planner.py)
+    baseline_accuracy(...)                               FP32 test accuracy, cached per sweep
+    quantize_step(...)                                   quant/recipe.py's post-training
+                                                         steps (equalize, calibrate, GPTQ,
+                                                         clip search, bias correction), the
+                                                         plan against its uniform rival, QAT
+    convert(qmodel)                                      freeze
+    evaluate_step(...)                                   quant_acc (torch engine)
+    export_step(...)                                     the safetensors file, sizes, BitOps
+    onnx_step(...)                                       ONNX file in ONNX Runtime: onnx_*
+                                                         (quant_acc with --engine onnxruntime)
+    log_step(...)                                        W&B summary/artifact, runs.csv row
 
 Inside a sweep the parameters come from `wandb.config` (the agent's config file named by
 WANDB_SWEEP_PARAM_PATH), so a sweep whose `command` passes no arguments works the same as
@@ -325,115 +323,60 @@ def load_run_data(config, ckpt, device):
             test.head(config.max_eval_samples).to(device))
 
 
+@dataclasses.dataclass
+class RunData:
+    """What the steps of one run share: the checkpoint, its data, where the run writes."""
+    config: RunConfig
+    run: object  # the W&B run, or None
+    progress: Progress
+    ckpt: dict
+    fp32: object
+    device: object
+    info: object
+    train: object
+    val: object
+    test: object
+    results_dir: str
+    sweep_id: str
+    run_id: str
+    checkpoint_sha256: str
+    threads: int
+
+    @property
+    def out_dir(self):
+        return str(results.sweep_dir(self.results_dir, self.sweep_id))
+
+
 def quantize_and_measure(config, run, loaded, progress):
-    """prepare -> calibrate [-> gptq] [-> bias_correct] [-> train] -> convert -> measure ->
-    log."""
-    n_threads = threads.set_threads(config.threads)  # torch's, and ONNX Runtime's below
-    ckpt, fp32 = loaded
-    device = resolve_device(config.device)
-    progress.start("load")
-    info, train, val, test = load_run_data(config, ckpt, device)
-    test_loader = eval_loader(test, info, EVAL_BATCH_SIZE)
-    fp32.to(device)
-    sweep_id = os.environ.get("WANDB_SWEEP_ID") or None
-    results_dir = config.results_dir or results.default_results_dir()
-    out_dir = str(results.sweep_dir(results_dir, sweep_id))
-    run_id = run.id if run is not None and run.id else uuid.uuid4().hex[:8]
-    checkpoint_sha256 = file_digest(config.checkpoint)
-    key = f"{checkpoint_sha256[:16]}:{len(test)}:{device.type}"
+    """One run as named steps: load -> plan -> baseline -> quantize (quant/recipe.py, and QAT)
+    -> convert -> evaluate -> export and measure -> ONNX -> log. Returns (metrics, a function
+    that writes the runs.csv row)."""
+    d = load_step(config, run, loaded, progress)
     progress.start("plan")  # a budget no plan meets fails here, before anything is written
-    plan, planning = run_plan(config, ckpt, fp32, info, train)
-    budget, size_limit = planning["budget"], planning["size"] and planning["size"][1]
+    plan, planning = run_plan(config, d.ckpt, d.fp32, d.info, d.train)
     progress.start("baseline")
-    baseline_acc = baseline_accuracy(fp32, test_loader, out_dir, key)
+    test_loader = eval_loader(d.test, d.info, EVAL_BATCH_SIZE)
+    key = f"{d.checkpoint_sha256[:16]}:{len(d.test)}:{d.device.type}"
+    baseline_acc = baseline_accuracy(d.fp32, test_loader, d.out_dir, key)
     progress.done["baseline_acc"] = baseline_acc
-
-    progress.start("calibrate")
-    calib = train.head(config.calib_batches * config.calib_batch_size)
-    calib_loader = BatchLoader(calib, info, config.calib_batch_size, channels_last=True)
-    # The FP32 network the quantized one is made from: with --equalize, the same function
-    # with each depthwise conv's input channels on one range (quant/equalize.py). The
-    # baseline, and QAT's teacher, stay the checkpoint's own network.
-    # What the FP32 network does on these images is the same in every run of a sweep:
-    # measured once per checkpoint and read back by the others (fp32_stats).
-    stats_key = (checkpoint_sha256, config.calib_batches, config.calib_batch_size, device.type)
-    source = fp32
-    if config.equalize:
-        maxes = fp32_stats.depthwise_maxes(fp32, calib_loader, config.calib_batches, stats_key)
-        source, _ = equalize_depthwise_inputs(fp32, calib_loader, config.calib_batches, maxes)
-    means = None
-    if config.bias_correction:  # True or "auto"
-        means = fp32_stats.channel_means(source, calib_loader, config.calib_batches,
-                                         stats_key, config.equalize)
-    # Both held-out choices (the searched clips, the bias correction) score on the validation
-    # images train.py kept out of training; the first one's score is the second's "without".
-    val_loader = eval_loader(val, info, EVAL_BATCH_SIZE)
-
-    def val_score(model):
-        return evaluate(model, val_loader, fold=True)
-
-    qmodel, chosen, score_now, layer_calibration = post_training_quantize(
-        config, plan, source, calib_loader, means, val_score, progress, len(val))
-    if config.plan == "sensitivity":
-        qmodel, chosen, score_now, layer_calibration = keep_plan_or_uniform(
-            config, (qmodel, chosen, score_now, layer_calibration), planning, fp32, info,
-            source, calib_loader, means, val_score, progress, len(val))
-    qat = {}
-    if config.method == "qat":
-        progress.start("qat")
-        qat = train_qat(qmodel, train, info, config,
-                        weight_decay=ckpt.get("args", {}).get("weight_decay", 4e-5),
-                        teacher=fp32 if config.distill else None,
-                        log=(lambda row, step: run.log(row, step=step)) if run else None,
-                        score=val_score, score_start=score_now)
-        progress.done.update(qat)
+    qmodel, chosen, layer_calibration, qat, calib_loader = quantize_step(d, plan, planning)
     convert(qmodel)
-
     progress.start("eval")
-    # The torch engine measures quant_acc on every test image; with onnxruntime the engine
-    # does, and PyTorch only checks it on the first AGREEMENT_IMAGES.
-    torch_test = test if config.engine == "torch" else test.head(AGREEMENT_IMAGES)
-    print(f"evaluating on {len(test)} test images ({config.engine})", flush=True)
-    t_eval = time.perf_counter()
-    torch_logits, labels = predict(qmodel, eval_loader(torch_test, info, EVAL_BATCH_SIZE))
-    eval_s = time.perf_counter() - t_eval
-    quant_acc = onnx_export.accuracy(torch_logits, labels)
-    progress.done["quant_acc"] = quant_acc
-
+    torch_logits, quant_acc, eval_s = evaluate_step(d, qmodel)
     progress.start("export")
-    label = (f"w{config.weight_bits}a{config.activation_bits}" if config.plan == "uniform"
-             else config.plan)
-    model_path = os.path.join(out_dir, "models", f"{run_id}-{label}-{config.method}"
-                                                 f".safetensors")
-    roundtrip = export_and_check(qmodel, ckpt, model_path, test, info, device,
-                                 {"method": config.method,
-                                  "checkpoint_sha256": checkpoint_sha256})
-    rows, totals = bitops.bitops_report(fp32, info.input_size, precision_plan(qmodel))
-    size = compression_metrics(qmodel, ckpt["model"], model_path, info.input_size,
-                               info.in_channels)
-    if size_limit is not None and os.path.getsize(model_path) > size_limit:
-        raise RuntimeError(f"the plan's file is {os.path.getsize(model_path)} bytes, over the "
-                           f"size budget of {int(size_limit)}: the size prediction is wrong")
+    model_path, roundtrip, rows, totals, size = export_step(d, qmodel, planning)
     onnx = {}
     if onnx_export.onnx_exportable(qmodel) and onnx_export.available():
         progress.start("onnx")
-        onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
-        onnx, onnx_logits = onnx_export.measure_onnx(
-            qmodel, fp32, onnx_path, test_loader,
-            (info.in_channels, info.input_size, info.input_size),
-            n_threads, calib_loader, config.calib_batches)
-        onnx["onnx_agreement"] = onnx_export.agreement(torch_logits,
-                                                       onnx_logits[:len(torch_logits)])
-        onnx["onnx_agreement_images"] = len(torch_logits)
+        onnx = onnx_step(d, qmodel, model_path, test_loader, calib_loader, torch_logits)
+        size["onnx_mb"] = onnx.pop("onnx_mb")
         if config.engine == "onnxruntime":
-            quant_acc = onnx["onnx_acc"]
-            eval_s = onnx["onnx_eval_s"]
-        size["onnx_mb"] = os.path.getsize(onnx_path) / MIB
+            quant_acc, eval_s = onnx["onnx_acc"], onnx["onnx_eval_s"]
         progress.start("log")
     metrics = {
         **config.run_parameters(),
         **plan_bits(rows),
-        **({"bitops_budget": budget} if budget is not None else {}),
+        **({"bitops_budget": planning["budget"]} if planning["budget"] is not None else {}),
         "baseline_acc": baseline_acc,
         "quant_acc": quant_acc,
         "acc_drop": baseline_acc - quant_acc,
@@ -443,26 +386,156 @@ def quantize_and_measure(config, run, loaded, progress):
         **qat,
         **onnx,
         "engine": config.engine,
-        "eval_images": len(test),
+        "eval_images": len(d.test),
         "eval_seconds": eval_s,
-        "eval_images_per_s": len(test) / eval_s,
+        "eval_images_per_s": len(d.test) / eval_s,
         "roundtrip_max_abs_diff": roundtrip,
         **progress.times,
         "run_seconds": progress.total(),
     }
     metrics["time/total_s"] = metrics["run_seconds"]  # runs.csv: to the end of W&B's finish
-    print(f"{label.upper()} {config.method} "
+    return log_step(d, metrics, chosen, rows, layer_calibration, model_path)
+
+
+def load_step(config, run, loaded, progress):
+    """The run's threads, device, data splits and identity (sweep, run id, checkpoint hash)."""
+    n_threads = threads.set_threads(config.threads)  # torch's, and ONNX Runtime's below
+    ckpt, fp32 = loaded
+    device = resolve_device(config.device)
+    progress.start("load")
+    info, train, val, test = load_run_data(config, ckpt, device)
+    fp32.to(device)
+    return RunData(
+        config=config, run=run, progress=progress, ckpt=ckpt, fp32=fp32, device=device,
+        info=info, train=train, val=val, test=test,
+        results_dir=config.results_dir or results.default_results_dir(),
+        sweep_id=os.environ.get("WANDB_SWEEP_ID") or None,
+        run_id=run.id if run is not None and run.id else uuid.uuid4().hex[:8],
+        checkpoint_sha256=file_digest(config.checkpoint), threads=n_threads)
+
+
+def quantize_step(d, plan, planning):
+    """The quantized model the run measures: the post-training recipe on the (equalized) FP32
+    network, the plan against its uniform rival, then QAT if asked. Returns (qmodel, the
+    held-out choices made, {layer: its calibration}, QAT's metrics, the calibration loader)."""
+    config, progress = d.config, d.progress
+    progress.start("calibrate")
+    calib = d.train.head(config.calib_batches * config.calib_batch_size)
+    calib_loader = BatchLoader(calib, d.info, config.calib_batch_size, channels_last=True)
+    # The FP32 network the quantized one is made from: with --equalize, the same function
+    # with each depthwise conv's input channels on one range (quant/equalize.py). The
+    # baseline, and QAT's teacher, stay the checkpoint's own network.
+    # What the FP32 network does on these images is the same in every run of a sweep:
+    # measured once per checkpoint and read back by the others (fp32_stats).
+    stats_key = (d.checkpoint_sha256, config.calib_batches, config.calib_batch_size,
+                 d.device.type)
+    source = d.fp32
+    if config.equalize:
+        maxes = fp32_stats.depthwise_maxes(d.fp32, calib_loader, config.calib_batches,
+                                           stats_key)
+        source, _ = equalize_depthwise_inputs(d.fp32, calib_loader, config.calib_batches,
+                                              maxes)
+    means = None
+    if config.bias_correction:  # True or "auto"
+        means = fp32_stats.channel_means(source, calib_loader, config.calib_batches,
+                                         stats_key, config.equalize)
+    # Both held-out choices (the searched clips, the bias correction) score on the validation
+    # images train.py kept out of training; the first one's score is the second's "without".
+    val_loader = eval_loader(d.val, d.info, EVAL_BATCH_SIZE)
+
+    def val_score(model):
+        return evaluate(model, val_loader, fold=True)
+
+    qmodel, chosen, score_now, layer_calibration = post_training_quantize(
+        config, plan, source, calib_loader, means, val_score, progress, len(d.val))
+    if config.plan == "sensitivity":
+        qmodel, chosen, score_now, layer_calibration = keep_plan_or_uniform(
+            config, (qmodel, chosen, score_now, layer_calibration), planning, d.fp32, d.info,
+            source, calib_loader, means, val_score, progress, len(d.val))
+    qat = {}
+    if config.method == "qat":
+        progress.start("qat")
+        run = d.run
+        qat = train_qat(qmodel, d.train, d.info, config,
+                        weight_decay=d.ckpt.get("args", {}).get("weight_decay", 4e-5),
+                        teacher=d.fp32 if config.distill else None,
+                        log=(lambda row, step: run.log(row, step=step)) if run else None,
+                        score=val_score, score_start=score_now)
+        progress.done.update(qat)
+    return qmodel, chosen, layer_calibration, qat, calib_loader
+
+
+def evaluate_step(d, qmodel):
+    """(logits, quant_acc, seconds) of the converted model in PyTorch. The torch engine
+    measures quant_acc on every test image; with onnxruntime the engine does, and PyTorch
+    only checks it on the first AGREEMENT_IMAGES."""
+    torch_test = d.test if d.config.engine == "torch" else d.test.head(AGREEMENT_IMAGES)
+    print(f"evaluating on {len(d.test)} test images ({d.config.engine})", flush=True)
+    t_eval = time.perf_counter()
+    torch_logits, labels = predict(qmodel, eval_loader(torch_test, d.info, EVAL_BATCH_SIZE))
+    eval_s = time.perf_counter() - t_eval
+    quant_acc = onnx_export.accuracy(torch_logits, labels)
+    d.progress.done["quant_acc"] = quant_acc
+    return torch_logits, quant_acc, eval_s
+
+
+def run_label(config):
+    return (f"w{config.weight_bits}a{config.activation_bits}" if config.plan == "uniform"
+            else config.plan)
+
+
+def export_step(d, qmodel, planning):
+    """The real file (reloaded and checked), the BitOps table and the size metrics. Returns
+    (file path, round-trip logit difference, BitOps rows, BitOps totals, size metrics)."""
+    config, info = d.config, d.info
+    model_path = os.path.join(d.out_dir, "models", f"{d.run_id}-{run_label(config)}-"
+                                                   f"{config.method}.safetensors")
+    roundtrip = export_and_check(qmodel, d.ckpt, model_path, d.test, info, d.device,
+                                 {"method": config.method,
+                                  "checkpoint_sha256": d.checkpoint_sha256})
+    rows, totals = bitops.bitops_report(d.fp32, info.input_size, precision_plan(qmodel))
+    size = compression_metrics(qmodel, d.ckpt["model"], model_path, info.input_size,
+                               info.in_channels)
+    size_limit = planning["size"] and planning["size"][1]
+    if size_limit is not None and os.path.getsize(model_path) > size_limit:
+        raise RuntimeError(f"the plan's file is {os.path.getsize(model_path)} bytes, over the "
+                           f"size budget of {int(size_limit)}: the size prediction is wrong")
+    return model_path, roundtrip, rows, totals, size
+
+
+def onnx_step(d, qmodel, model_path, test_loader, calib_loader, torch_logits):
+    """The ONNX file beside the safetensors one, run in ONNX Runtime: its onnx_* metrics, its
+    agreement with PyTorch's logits, and its size (onnx_mb)."""
+    info = d.info
+    onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
+    onnx, onnx_logits = onnx_export.measure_onnx(
+        qmodel, d.fp32, onnx_path, test_loader,
+        (info.in_channels, info.input_size, info.input_size),
+        d.threads, calib_loader, d.config.calib_batches)
+    onnx["onnx_agreement"] = onnx_export.agreement(torch_logits,
+                                                   onnx_logits[:len(torch_logits)])
+    onnx["onnx_agreement_images"] = len(torch_logits)
+    onnx["onnx_mb"] = os.path.getsize(onnx_path) / MIB
+    return onnx
+
+
+def log_step(d, metrics, chosen, rows, layer_calibration, model_path):
+    """The result line, the W&B summary and artifact; returns (metrics, the runs.csv writer)."""
+    config = d.config
+    print(f"{run_label(config).upper()} {config.method} "
           f"({config.calibration}, {config.weight_granularity}"
           f"{choice_words(config, chosen)}): quant_acc "
-          f"{quant_acc:.2f} (FP32 {baseline_acc:.2f}, drop {metrics['acc_drop']:.2f}), "
-          f"{size['compressed_mb']:.3f} MB (x{size['compression_ratio']:.2f}), "
-          f"{totals['bitops'] / 1e9:.3f} GBitOps -> {model_path}")
-    if run is not None:
-        log_run(run, metrics, [{**r, "calibration": layer_calibration.get(r["name"], "fp32")}
-                               for r in rows], model_path, ckpt, config)
-    row = {"run_id": run_id, **metrics, "checkpoint": config.checkpoint,
-           "dataset": ckpt["dataset"], "width_multiplier": ckpt["width_multiplier"]}
-    return metrics, lambda extra: results.append_run(results_dir, sweep_id, {**row, **extra})
+          f"{metrics['quant_acc']:.2f} (FP32 {metrics['baseline_acc']:.2f}, drop "
+          f"{metrics['acc_drop']:.2f}), {metrics['compressed_mb']:.3f} MB "
+          f"(x{metrics['compression_ratio']:.2f}), {metrics['bitops'] / 1e9:.3f} GBitOps -> "
+          f"{model_path}")
+    if d.run is not None:
+        log_run(d.run, metrics, [{**r, "calibration": layer_calibration.get(r["name"], "fp32")}
+                                 for r in rows], model_path, d.ckpt, config)
+    row = {"run_id": d.run_id, **metrics, "checkpoint": config.checkpoint,
+           "dataset": d.ckpt["dataset"], "width_multiplier": d.ckpt["width_multiplier"]}
+    return metrics, lambda extra: results.append_run(d.results_dir, d.sweep_id,
+                                                     {**row, **extra})
 
 
 def keep_plan_or_uniform(config, planned, planning, fp32, info, source, calib_loader, means,
