@@ -32,15 +32,20 @@ same numbers bit for bit (tested) and is faster at inference. For quantization-a
 training the scales become learnable (LSQ, Esser et al. 2020): torch's
 `_fake_quantize_learnable_per_{channel,tensor}_affine` ops, with LSQ's gradient scale.
 
-The flow, each step a function here (quant/recipe.py runs them in this order):
-  prepare          `quantize_model`: swap the layers, set weight scales;
-  calibrate        `calibrate`: activation ranges from training images;
-  round            rounding.gptq (optional, `--weight_rounding gptq`): each weight's grid
-                   point chosen to cut its layer's output error (GPTQ);
-  bias_correct     `bias_correct` (optional): empirical bias correction;
-  (train)          qat.train_qat (optional): fine-tune weights and scales;
-  convert          `convert`: freeze: scales fixed, each weight replaced by its quantized
-                   value (codes x scale), so the model is exactly what the exported file holds.
+The flow, a file a step, in the order recipe.py (and run.py after it) runs them:
+  prepare.py          `quantize_model`: swap the layers, set weight scales;
+  calibrate.py        `calibrate`: activation ranges from training images;
+  rounding.py         `gptq` (optional, `--weight_rounding gptq`): each weight's grid point
+                      chosen to cut its layer's output error (GPTQ);
+  clip_search.py      (at 3 bits and fewer) clips moved by the network's output;
+  bias_correction.py  `bias_correct` (optional): empirical bias correction;
+  qat.py              `train_qat` (optional): fine-tune weights and scales;
+  convert.py          `convert`: freeze: scales fixed, each weight replaced by its quantized
+                      value (codes x scale), so the model is exactly what the exported file
+                      holds.
+equalize.py (before calibration), quantizers.py and fake_quant.py (what every step uses),
+precision.py (the bit rules) and divergence.py (the KL the clip search and the sensitivity
+table share) serve them.
 
 There is no cache of fake-quantized weights: a cache keyed on storage pointers could go
 stale when memory was reused, and re-quantizing the weights costs little next to the convs

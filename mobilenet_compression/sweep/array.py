@@ -71,7 +71,6 @@ def run_index(config, path, sweep_id, index, results_dir, threads=None):
         raise UserError(f"{listed} is not on this node ({socket.gethostname()}): the results "
                         f"directory {Path(results_dir).resolve()} is not shared with the node "
                         f"that ran --list; give --results_dir a folder every node mounts")
-    threads = threads or os.environ.get("SLURM_CPUS_PER_TASK") or None
-    agent = LocalAgent(config, path, sweep_id, 1, None, results_dir,
-                       int(threads) if threads else None)
+    # Without --threads the run takes its share itself: SLURM_CPUS_PER_TASK (threads.py).
+    agent = LocalAgent(config, path, sweep_id, 1, None, results_dir, threads)
     return agent.run_one(params, f"sweep {sweep_id} run {index} of {len(runs)}")
