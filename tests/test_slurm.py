@@ -294,13 +294,8 @@ def test_scancel_of_a_task_records_killed_and_its_index_again_replaces_the_row(
     assert [e["state"] for e in state_runs() if e["config"]["weight_bits"] == 4] == ["killed"]
 
     (hold / "4").unlink()
-    again = job_array_again(tmp_path, res, senv, held_index)
+    again = job_array(tmp_path, "grid.yaml", res, senv, held_index)
     assert again.returncode == 0, (again.stderr, task_logs(tmp_path))
     table = rows(res).set_index("weight_bits")
     assert len(table) == 2 and table.loc[4, "status"] == "finished"
     assert first_row_untouched()
-
-
-def job_array_again(tmp_path, res, env, index):
-    return sbatch(["--wait", f"--array={index}", str(REPO / "slurm" / "sweep_array.sbatch"),
-                   "grid.yaml", str(res)], tmp_path, env)
