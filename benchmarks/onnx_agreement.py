@@ -1,16 +1,16 @@
 """Top-1 agreement of ONNX Runtime's int8 model with the PyTorch quantized model, with and
-without the 8-bit grids the export adds for speed at 8-bit activations.
+without the 8-bit grids between integer kernels at 8-bit activations.
 
     python benchmarks/onnx_agreement.py results/fashion-mnist-w0.35-e30/best.pt \
         [--weight_bits 8 4 3] [--activation_bits 8] [--data_dir ./data]
 
-Where a block's inputs are 8-bit, the exported graph reads its residual add's two summands
-and the last conv's output through 8-bit grids (`onnx_export.output_scales`), so that ONNX
-Runtime runs those convs and adds as integer kernels; the PyTorch model keeps those tensors
-in float. This quantizes the checkpoint (mse calibration on 8 batches of training images,
-nearest rounding: a quick configuration, not the runs' defaults), then exports it twice,
-with those grids and with float adds, and prints each file's agreement with the PyTorch
-model and both accuracies on the test images, at one thread. Figures, not tests.
+Where a block's inputs are 8-bit, the converted model reads its residual add's two summands
+and the last conv's output on 8-bit grids (quant/output_grids.py), and so does the exported
+graph, so that ONNX Runtime runs those convs and adds as integer kernels. This quantizes the
+checkpoint (mse calibration on 8 batches of training images, nearest rounding: a quick
+configuration, not the runs' defaults), then measures it twice, with those grids (model and
+file) and without them (float adds in both), and prints each file's agreement with its
+PyTorch model and both accuracies on the test images, at one thread. Figures, not tests.
 """
 
 import argparse
@@ -28,6 +28,7 @@ from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
 from mobilenet_compression.evaluation import predict  # noqa: E402
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.output_grids import attach_output_grids
 from mobilenet_compression.quant.prepare import quantize_model
 
 CALIB_BATCHES = 8
@@ -58,17 +59,16 @@ def main():
             q = quantize_model(fp32, (w, args.activation_bits))
             calibrate(q, calib, num_batches=CALIB_BATCHES, seed=42, method="mse")
             convert(q)
-            torch_logits, labels = predict(q, loader)
-            for name, scales in (("8-bit grids (the export)", ox.output_scales(q, calib,
-                                                                               CALIB_BATCHES)),
-                                 ("float adds", None)):
-                ox.export_onnx(q, path, shape, scales)
+            for name in ("float adds", "8-bit grids (the runs')"):
+                if name != "float adds":
+                    attach_output_grids(q, calib, CALIB_BATCHES)
+                torch_logits, labels = predict(q, loader)
+                ox.export_onnx(q, path, shape)
                 onnx_logits, _ = ox.predict_onnx(ox.session(path, 1), loader)
                 print(f"W{w}A{args.activation_bits} {name}: agreement "
                       f"{ox.agreement(torch_logits, onnx_logits):.2f}%, PyTorch "
                       f"{ox.accuracy(torch_logits, labels):.2f}%, ONNX Runtime "
                       f"{ox.accuracy(onnx_logits, labels):.2f}%", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
 from mobilenet_compression.model import build_model  # noqa: E402
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.output_grids import attach_output_grids
 from mobilenet_compression.quant.prepare import quantize_model
 
 
@@ -119,13 +120,14 @@ def main():
     qmodel = quantize_model(fp32, (args.weight_bits, args.activation_bits))
     calibrate(qmodel, calib, "mse", 8)
     convert(qmodel)
+    attach_output_grids(qmodel, calib)
     batch = ox._numpy(next(iter(BatchLoader(test.head(args.batch_size), info,
                                             args.batch_size)))[0])
     calib_images = np.concatenate([ox._numpy(x) for x, _ in calib])
     shape = (info.in_channels, info.input_size, info.input_size)
     with tempfile.TemporaryDirectory() as tmp:
         ours = os.path.join(tmp, "ours.onnx")
-        ox.export_onnx(qmodel, ours, shape, ox.output_scales(qmodel, calib))
+        ox.export_onnx(qmodel, ours, shape)
         fp32_bytes = ox.build_onnx(fp32, shape)[0].SerializeToString()
         theirs = ort_static(fp32_bytes, calib_images, os.path.join(tmp, "ort.onnx"))
         theirs_7 = ort_static(fp32_bytes, calib_images, os.path.join(tmp, "ort7.onnx"),

@@ -13,6 +13,9 @@ The flow, each step a named function a reader can find (`quantize_and_measure`):
                                                          clip search, bias correction), the
                                                          plan against its uniform rival, QAT
     convert(qmodel)                                      freeze
+    attach_output_grids(...)                             at 8-bit inputs, the residual adds'
+                                                         and last conv's 8-bit grids the
+                                                         integer engine needs
     evaluate_step(...)                                   quant_acc (torch engine)
     export_step(...)                                     the safetensors file, sizes, BitOps
     onnx_step(...)                                       ONNX file in ONNX Runtime: onnx_*
@@ -59,6 +62,7 @@ from .files import atomic_write
 from .processes import process_age_s
 from .quant.convert import convert
 from .quant.equalize import equalize_depthwise_inputs
+from .quant.output_grids import attach_output_grids
 from .quant.precision import mean_bits
 from .quant.prepare import precision_plan
 from .quant.qat import train_qat
@@ -361,6 +365,7 @@ def quantize_and_measure(config, run, loaded, progress):
     progress.done["baseline_acc"] = baseline_acc
     qmodel, chosen, layer_calibration, qat, calib_loader = quantize_step(d, plan, planning)
     convert(qmodel)
+    attach_output_grids(qmodel, calib_loader, config.calib_batches)
     progress.start("eval")
     torch_logits, quant_acc, eval_s = evaluate_step(d, qmodel)
     progress.start("export")
@@ -368,7 +373,7 @@ def quantize_and_measure(config, run, loaded, progress):
     onnx = {}
     if onnx_export.onnx_exportable(qmodel) and onnx_export.available():
         progress.start("onnx")
-        onnx = onnx_step(d, qmodel, model_path, test_loader, calib_loader, torch_logits)
+        onnx = onnx_step(d, qmodel, model_path, test_loader, torch_logits)
         size["onnx_mb"] = onnx.pop("onnx_mb")
         if config.engine == "onnxruntime":
             quant_acc, eval_s = onnx["onnx_acc"], onnx["onnx_eval_s"]
@@ -503,15 +508,14 @@ def export_step(d, qmodel, planning):
     return model_path, roundtrip, rows, totals, size
 
 
-def onnx_step(d, qmodel, model_path, test_loader, calib_loader, torch_logits):
+def onnx_step(d, qmodel, model_path, test_loader, torch_logits):
     """The ONNX file beside the safetensors one, run in ONNX Runtime: its onnx_* metrics, its
     agreement with PyTorch's logits, and its size (onnx_mb)."""
     info = d.info
     onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
     onnx, onnx_logits = onnx_export.measure_onnx(
         qmodel, d.fp32, onnx_path, test_loader,
-        (info.in_channels, info.input_size, info.input_size),
-        d.threads, calib_loader, d.config.calib_batches)
+        (info.in_channels, info.input_size, info.input_size), d.threads)
     onnx["onnx_agreement"] = onnx_export.agreement(torch_logits,
                                                    onnx_logits[:len(torch_logits)])
     onnx["onnx_agreement_images"] = len(torch_logits)

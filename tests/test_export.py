@@ -33,6 +33,7 @@ from mobilenet_compression.deploy.export import (
 from mobilenet_compression.quant.bias_correction import bias_correct
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.precision import quantized_layer_names
+from mobilenet_compression.quant.output_grids import attach_output_grids, output_grid_table
 from mobilenet_compression.quant.prepare import quant_layers, quantize_model
 
 N_EVAL = 1000
@@ -96,10 +97,15 @@ def test_round_trip_gives_the_same_logits_and_accuracy(fashion_mnist_model, fash
         bias_correct(qmodel, fashion_mnist_model, BatchLoader(fashion_mnist[1], info, 256),
                      num_batches=2)
         assert any(layer.bias is not None for _, layer in quant_layers(qmodel))
+    if case in ("W4A8", "mixed"):  # the 8-bit grids a run puts between integer kernels
+        attach_output_grids(qmodel, BatchLoader(fashion_mnist[1], info, 256), 2)
+    grids = output_grid_table(qmodel)
+    assert bool(grids) == (case in ("W4A8", "mixed"))  # the mixed plan has A8 blocks
     path = tmp_path / "model.safetensors"
     size = export_quantized(qmodel, path, METADATA)
     assert size == os.path.getsize(path)
     loaded = load_quantized(path)
+    assert output_grid_table(loaded) == grids
     metadata = read_quantized(path)[0]
     assert {k: metadata[k] for k in METADATA} == METADATA_TEXT
 

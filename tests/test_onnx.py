@@ -17,6 +17,7 @@ from mobilenet_compression.evaluation import eval_loader, predict
 from mobilenet_compression.quant.bias_correction import bias_correct
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
+from mobilenet_compression.quant.output_grids import attach_output_grids
 from mobilenet_compression.quant.prepare import quantize_model
 from tests.conftest import torch_threads
 from tests.test_qat import (  # noqa: F401  (small_checkpoint: a fixture)
@@ -30,7 +31,7 @@ from tests.test_qat import (  # noqa: F401  (small_checkpoint: a fixture)
 SHAPE = (1, 28, 28)
 
 
-def quantized(model, fashion_mnist, wb, ab):
+def quantized(model, fashion_mnist, wb, ab, grids=True):
     info, train, _, _ = fashion_mnist
     calib = BatchLoader(train.head(512), info, 128, channels_last=True)
     with torch_threads(1):
@@ -38,6 +39,8 @@ def quantized(model, fashion_mnist, wb, ab):
         calibrate(qmodel, calib, "mse", 4)
         bias_correct(qmodel, model, calib, 4)  # gives the quantized convs a bias to fold
         convert(qmodel)
+        if grids:
+            attach_output_grids(qmodel, calib, 4)  # at 8-bit inputs, as a run does
     return qmodel, calib
 
 
@@ -72,7 +75,7 @@ def test_onnx_model_passes_the_checker_and_agrees_with_the_pytorch_model(
     info, _, _, test = fashion_mnist
     qmodel, calib = quantized(fashion_mnist_model, fashion_mnist, *bits)
     path = tmp_path / "m.onnx"
-    ox.export_onnx(qmodel, str(path), SHAPE, ox.output_scales(qmodel, calib, 4))
+    ox.export_onnx(qmodel, str(path), SHAPE)
     onnx.checker.check_model(str(path), full_check=True)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
@@ -80,10 +83,12 @@ def test_onnx_model_passes_the_checker_and_agrees_with_the_pytorch_model(
     with torch_threads(1):
         want, labels = predict(qmodel, loader)
     got, _ = ox.predict_onnx(ox.session(str(path), 1), loader)
-    # The same grids; the engine rounds on a boundary now and then (and at 8 bits adds the
-    # residual adds' grids): top-1 agrees on at least 98% of these 1,000 real test images.
-    assert ox.agreement(want, got) >= 98.0
-    assert abs(ox.accuracy(got, labels) - ox.accuracy(want, labels)) <= 1.0
+    # The same grids, the residual adds' 8-bit grids at A8 included (the model has them
+    # too); the engine divides where torch multiplies, so a value on a rounding boundary
+    # lands one code apart now and then: top-1 agrees on at least 99.5% of these 1,000
+    # real test images (99.8% and 100% measured).
+    assert ox.agreement(want, got) >= 99.5
+    assert abs(ox.accuracy(got, labels) - ox.accuracy(want, labels)) <= 0.3
 
 
 def test_every_integer_layer_is_proven_exact_on_any_cpu_before_a_file_is_written(
@@ -194,11 +199,11 @@ def test_engine_onnxruntime_without_onnxruntime_installed_is_one_error_line(
     assert not (tmp_path / "res").exists()  # nothing written
 
 
-def test_output_scales_read_training_images_only(fashion_mnist, fashion_mnist_model):
+def test_output_grids_read_training_images_only(fashion_mnist, fashion_mnist_model):
     info, _, _, test = fashion_mnist
-    qmodel, _ = quantized(fashion_mnist_model, fashion_mnist, 8, 8)
+    qmodel, _ = quantized(fashion_mnist_model, fashion_mnist, 4, 8, grids=False)
     with pytest.raises(Exception, match="training images"):
-        ox.output_scales(qmodel, BatchLoader(test.head(256), info, 128), 1)
+        attach_output_grids(qmodel, BatchLoader(test.head(256), info, 128), 1)
 
 
 def test_fp32_layers_keep_the_run_torch_only(fashion_mnist_model):
@@ -246,7 +251,7 @@ def test_w8a8_pools_in_the_engines_layout_with_the_same_result(
     Transpose between them, and the logits are those of a GlobalAveragePool over NCHW."""
     info, _, _, test = fashion_mnist
     qmodel, calib = quantized(fashion_mnist_model, fashion_mnist, 8, 8)
-    proto, _ = ox.build_onnx(qmodel, SHAPE, ox.output_scales(qmodel, calib, 4))
+    proto, _ = ox.build_onnx(qmodel, SHAPE)
     pool = [n for n in proto.graph.node if n.name.startswith("pool")]
     assert [n.op_type for n in pool] == ["Transpose", "ReduceMean"]
     producer = {o: n for n in optimised_nodes(proto, tmp_path) for o in n.output}

@@ -29,6 +29,10 @@ in_channels, dataset, input_size, method, checkpoint_sha256, ...; numbers writte
 and, in a run with --equalize true, a fourth (quant/equalize.py: the ReLU6 before each depthwise
 conv became a clamp to [0, max], its channels scaled into the stored BatchNorm and weights):
     clamps     [[module name, max], ...]
+and, where layers read 8-bit inputs, a fifth (quant/output_grids.py: the 8-bit grids on each
+residual block's projection output and on the last conv's output, which an integer engine
+needs and the model applies too; codes -128..127 when signed, else 0..255):
+    output_grids  [[module name, scale, signed], ...]
 
 A layer's weights by hand (b = weight_bits, n = prod(weight_shape), o = packed_offset):
     bits  = np.unpackbits(weights_packed[o : o + ceil(n * b / 8)], bitorder="little")
@@ -56,6 +60,7 @@ from ..errors import UserError
 from ..files import atomic_write
 from ..model import build_model
 from ..quant.equalize import clamp_table, restore_clamps
+from ..quant.output_grids import output_grid_table, restore_output_grids
 from ..quant.precision import is_fp32
 from ..quant.prepare import activations_fp32, quant_layers, quantize_model
 
@@ -67,7 +72,7 @@ LAYER_COLUMNS = ("name", "weight_bits", "activation_bits", "activation_signed", 
                  "packed_offset", "weight_scale_offset", "activation_scale_index")
 BN_ROWS = ("weight", "bias", "running_mean", "running_var")
 RESERVED = {"format", "weight_granularity", "layer_columns", "layers", "batchnorm", "fp32",
-            "clamps"}
+            "clamps", "output_grids"}
 
 
 # ---------------------------------------------------------------------------- bit packing
@@ -221,6 +226,7 @@ def export_quantized(qmodel, path, metadata):
     tensors["batchnorm"], bn_table = _batchnorm_tensor(qmodel)
     tensors["fp32"], fp32_table = _fp32_tensor(qmodel)
     clamps = clamp_table(qmodel)
+    grids = output_grid_table(qmodel)
     data = _sorted_metadata(safetensors.numpy.save(tensors, {
         "format": FORMAT,
         **{k: _text(k, v) for k, v in metadata.items()},
@@ -230,6 +236,7 @@ def export_quantized(qmodel, path, metadata):
         "batchnorm": _json(bn_table),
         "fp32": _json(fp32_table),
         **({"clamps": _json(clamps)} if clamps else {}),
+        **({"output_grids": _json(grids)} if grids else {}),
     }))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
@@ -356,6 +363,8 @@ def load_quantized(path):
         _load_batchnorm(qmodel, state, _table(metadata, "batchnorm"), tensors["batchnorm"])
         _load_fp32(qmodel, state, fp32_table, tensors["fp32"])
         qmodel.load_state_dict(state, strict=True)
+        if "output_grids" in metadata:
+            restore_output_grids(qmodel, _table(metadata, "output_grids"))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, UserError) as e:
         # a file edited by hand or from another network: say which part does not fit
         what = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else str(e).strip().splitlines()[-1]

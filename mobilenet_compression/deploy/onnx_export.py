@@ -31,13 +31,12 @@ every scale in the file is one this package computed; nothing is re-calibrated b
   quantizer whose grid ends at or under 6 is left out: the codes saturate at 0 and qmax
   anyway, and a float Clip there would stop the fusion. Below 8 bits the model runs on the
   int8 kernels: as fast as 8 bits, not faster (README).
-- An integer engine needs every tensor between integer kernels on a grid, and the PyTorch
-  model quantizes only layer inputs. Where the layer inputs are 8-bit, the export adds what
-  is missing (`output_scales`, from the calibration images): each residual add reads its
-  block input through that input's 8-bit grid and its projection conv's output through a
-  new 8-bit grid, and the last conv's output gets one before the pooling. These are the
-  only places the file rounds where the PyTorch model does not (onnx_agreement measures
-  the cost: 99.4% of test images at W8A8 on the committed checkpoint).
+- An integer engine needs every tensor between integer kernels on a grid, and the quantized
+  layers round only their inputs. Where the layer inputs are 8-bit, the converted model
+  carries the missing grids (quant/output_grids.py, from the calibration images): each
+  residual add reads its block input on that input's 8-bit grid and its projection conv's
+  output on a new 8-bit grid (QLinearAdd), and the last conv's output gets one before the
+  pooling. The PyTorch model rounds at the same places, so the file computes what it does.
 - Layers the plan leaves FP32 (the stem conv, the classifier, bits 16/32) are plain float
   Conv / Gemm nodes.
 - The pooling: ONNX Runtime runs its integer convs in NHWC layout and puts a Transpose back
@@ -64,6 +63,7 @@ from torch import nn
 
 from ..cpu import cpu_isa
 from ..errors import UserError
+from ..quant.output_grids import GridResidual, OutputGrid
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
@@ -108,14 +108,13 @@ def onnx_exportable(qmodel):
 
 
 class _Graph:
-    def __init__(self, output_scales=None):
+    def __init__(self):
         self.onnx, self.helper, self.numpy_helper = _onnx()
         self.nodes, self.inits, self.names = [], [], {}
         self.q_outputs = []  # (name of a QuantizeLinear output, qmin, qmax)
         self.dq_of = {}  # float tensor -> DequantizeLinear output of its 8-bit grid
         self.requantized = set()  # outputs of requantize(): what an integer kernel wrote
         self.relu6_input = {}  # a ReLU6's (or clamp's) output -> (its input, its max)
-        self.output_scales = output_scales or {}
 
     def name(self, stem):
         n = self.names.get(stem, 0)
@@ -230,22 +229,24 @@ class _Graph:
             y = self.node("Gemm", inputs, stem, transB=1)
         return y
 
-    def residual_add(self, x, y, stem):
-        """x + y. With an 8-bit scale for y (the projection conv's output, `output_scales`)
-        and x already on an 8-bit grid (the next conv's input quantizer), both summands are
-        read through their integer grids, so ONNX Runtime runs the projection conv and the
-        add as integer kernels (QLinearConv, QLinearAdd); otherwise the add is float."""
-        if stem not in self.output_scales or x not in self.dq_of:
+    def residual_add(self, x, y, block, stem):
+        """x + y. In a GridResidual (quant/output_grids.py) y already ends on its 8-bit grid
+        and x is read on the grid its first conv reads it on, so ONNX Runtime runs the
+        projection conv and the add as integer kernels (QLinearConv, QLinearAdd), computing
+        what the PyTorch model does; otherwise the add is float, as in the model."""
+        if not isinstance(block, GridResidual):
             return self.node("Add", [x, y], stem + ".add")
-        return self.node("Add", [self.dq_of[x], self.requantize(y, stem)], stem + ".add")
+        if x not in self.dq_of or y not in self.requantized:
+            raise ValueError(f"{stem}: its residual add has no 8-bit grid for a summand")
+        return self.node("Add", [self.dq_of[x], y], stem + ".add")
 
-    def requantize(self, x, stem):
-        """x through the 8-bit grid `output_scales` gives `stem`."""
-        scale, zp = self.output_scales[stem]
-        s = self.const(stem + ".out_scale", np.float32(scale))
-        zero = self.const(stem + ".out_zero", np.uint8(zp))
-        q = self.node("QuantizeLinear", [x, s, zero], stem + ".out_q")
-        dq = self.node("DequantizeLinear", [q, s, zero], stem + ".out_dq")
+    def requantize(self, x, grid, stem):
+        """x through an OutputGrid (quant/output_grids.py): uint8 codes, zero point 128 for a
+        signed grid."""
+        s = self.const(stem + ".scale", np.float32(grid.scale))
+        zero = self.const(stem + ".zero", np.uint8(128 if grid.signed else 0))
+        q = self.node("QuantizeLinear", [x, s, zero], stem + ".q")
+        dq = self.node("DequantizeLinear", [q, s, zero], stem + ".dq")
         self.requantized.add(dq)
         return dq
 
@@ -267,14 +268,11 @@ class _Graph:
                 continue
             if isinstance(m, InvertedResidual):
                 y = self.sequence(x, m.conv, stem + ".conv")
-                if m.use_res_connect:
-                    x = self.residual_add(x, y, stem)
-                else:
-                    x = y
+                x = self.residual_add(x, y, m, stem) if m.use_res_connect else y
             elif isinstance(m, (nn.Sequential, Conv2dNormActivation)):
-                x_in, x = x, self.sequence(x, m, stem)
-                if stem in self.output_scales and x_in in self.dq_of:
-                    x = self.requantize(x, stem)  # the last conv, read by the pooling
+                x = self.sequence(x, m, stem)
+            elif isinstance(m, OutputGrid):
+                x = self.requantize(x, m, stem)
             elif isinstance(m, nn.Hardtanh) and m.min_val == 0.0:
                 # ReLU6, or the clamp to [0, max] quant/equalize.py puts before a depthwise conv
                 top = float(m.max_val)
@@ -292,53 +290,15 @@ class _Graph:
         return x
 
 
-def output_scales(qmodel, loader, num_batches=None):
-    """8-bit grids for the float tensors an integer engine would otherwise leave float, from
-    `loader`'s TRAINING images: each residual block's projection output (a summand of the
-    add; signed, absmax / 127) and the last conv's output after its ReLU6 (read by the
-    pooling; unsigned, absmax / 255). Block name as in the graph ("features.<i>") ->
-    (scale, zero point of its uint8 codes)."""
-    from torchvision.models.mobilenetv2 import InvertedResidual
-
-    from ..quant.calibrate import training_batches
-
-    total = training_batches(loader, num_batches, "ONNX export calibration")
-    absmax, hooks, signed = {}, [], {}
-    last = f"features.{len(qmodel.features) - 1}"
-    for name, m in qmodel.named_modules():
-        if isinstance(m, InvertedResidual) and m.use_res_connect:
-            target, signed[name] = m.conv[-1], True
-        elif name == last:
-            target, signed[name] = m, False
-        else:
-            continue
-
-        def hook(mod, args, out, key=name):
-            absmax[key] = max(absmax.get(key, 0.0), float(out.abs().max()))
-        hooks.append(target.register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            for i, (x, _) in enumerate(loader):
-                if i >= total:
-                    break
-                qmodel.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: (max(v, 1e-12) / 127, 128) if signed[k] else (max(v, 1e-12) / 255, 0)
-            for k, v in absmax.items()}
-
-
-def build_onnx(model, input_shape, output_scales=None):
+def build_onnx(model, input_shape):
     """The ONNX ModelProto of `model` (FP32 or quantized MobileNetV2) for NCHW inputs of
-    `input_shape` (C, H, W), batch dimension dynamic. `output_scales` (from
-    `output_scales()`) puts residual adds on 8-bit grids where their inputs allow it.
+    `input_shape` (C, H, W), batch dimension dynamic.
     Returns (model proto, the names of its QuantizeLinear outputs with their code ranges)."""
     from torchvision.models import MobileNetV2
 
     if not isinstance(model, MobileNetV2):
         raise ValueError("export_onnx exports torchvision's MobileNetV2 (this package's model)")
-    g = _Graph(output_scales)
+    g = _Graph()
     h = g.helper
     x = g.sequence(INPUT, model.features, "features")
     if x in g.requantized:  # the last conv is an integer kernel, NHWC in the engine
@@ -406,11 +366,11 @@ def check_int16_pairs(proto):
                          f"(the result would depend on the CPU): {over}")
 
 
-def export_onnx(model, path, input_shape, output_scales=None):
+def export_onnx(model, path, input_shape):
     """Write `model` as ONNX (QDQ where quantized) to `path` atomically; returns the proto."""
     from ..files import atomic_write
 
-    proto, _ = build_onnx(model, input_shape, output_scales)
+    proto, _ = build_onnx(model, input_shape)
     data = proto.SerializeToString()
     atomic_write(path, lambda f: f.write(data))
     return proto
@@ -489,11 +449,8 @@ def latency_ms(sess, images, repeats=50):
     return 1000.0 * statistics.median(times)
 
 
-def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
-                 calibration=None, calib_batches=None):
-    """Export `qmodel` to `path` (8-bit grids for the residual adds and the last conv's
-    output from `calibration`, a loader of training images, when given), run it in ONNX
-    Runtime over `loader`, and time it against the FP32 model exported and run the same way
+def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None):
+    """Export `qmodel` to `path`, run it in ONNX Runtime over `loader`, and time it against the FP32 model exported and run the same way
     in this process. Returns (metrics, logits):
     onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5),
     onnx_latency_ms (batch 1, median of 50), onnx_fp32_img_s, onnx_speedup (batch 256, the
@@ -502,8 +459,7 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None,
     onnx_threads (the sessions' intra-op threads: `threads`, else ONNX Runtime's default of
     one per core; ONNX Runtime does not read OMP_NUM_THREADS, so a run sharing the machine
     must pass it)."""
-    scales = output_scales(qmodel, calibration, calib_batches) if calibration else None
-    export_onnx(qmodel, path, input_shape, scales)
+    export_onnx(qmodel, path, input_shape)
     sess = session(path, threads)
     t = time.perf_counter()
     logits, labels = predict_onnx(sess, loader)
