@@ -102,3 +102,31 @@ def test_where_picks_one_setting_of_a_sweep_that_varies_it(tmp_path):
         r = spread(a, b, "--out", str(tmp_path / "bad"), "--where", bad)
         assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, bad
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def write_auto_sweep(folder, baseline, accs, low="loss"):
+    """A grid with --calibration auto: each run records the calibration its cell got (loss at
+    3-bit activations and fewer, mse above)."""
+    folder.mkdir(parents=True)
+    rows = [{"run_id": f"r{i}", "status": "finished", "weight_bits": wb, "activation_bits": ab,
+             "baseline_acc": baseline, "quant_acc": acc, "bias_correction": "auto",
+             "calibration": low if ab <= 3 else "mse"}
+            for i, ((wb, ab), acc) in enumerate(accs.items())]
+    pd.DataFrame(rows).to_csv(folder / "runs.csv", index=False)
+    return str(folder)
+
+
+def test_a_setting_that_follows_the_cell_is_the_same_configuration(tmp_path):
+    cells = {(8, 8): 93.0, (8, 3): 85.0}
+    a = write_auto_sweep(tmp_path / "a", 93.5, cells)
+    b = write_auto_sweep(tmp_path / "b", 93.4, {k: v - 0.5 for k, v in cells.items()})
+    out = tmp_path / "out"
+    r = spread(a, b, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "calibration loss at A3, mse at A8" in (out / "spread.md").read_text()
+    assert pd.read_csv(out / "spread.csv")["count"].tolist() == [2, 2]
+    # The same cell calibrated two ways in two sweeps is not one configuration.
+    c = write_auto_sweep(tmp_path / "c", 93.4, cells, low="mse")
+    r = spread(a, c, "--out", str(tmp_path / "out2"))
+    assert r.returncode == 2 and "differ in calibration" in r.stderr
+    assert not (tmp_path / "out2").exists()

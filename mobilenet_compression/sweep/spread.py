@@ -67,14 +67,20 @@ def load_grids(folders, metric, where=None):
     if df.empty:
         raise UserError("no finished run matches --where "
                         + " ".join(f"{c}={v}" for c, v in where.items()) + ".")
-    for col in SAME:  # a spread over seeds compares like with like
+    cells = ["weight_bits", "activation_bits"]
+    for col in SAME:  # a spread over seeds compares like with like, cell by cell
         if col in df.columns:
-            mixed = df.groupby("source")[col].nunique(dropna=False)
+            values = df[col].astype(str)
+            mixed = values.groupby([df["source"], *(df[c] for c in cells)]).nunique()
             if (mixed > 1).any():
-                raise UserError(f"{mixed.idxmax()} holds runs with several {col} values; "
-                                f"pick one with --where {col}=VALUE.")
-            seen = df.groupby("source")[col].apply(lambda v: tuple(sorted(map(str, set(v)))))
-            if seen.nunique() > 1:
+                raise UserError(f"{mixed.idxmax()[0]} holds runs with several {col} values "
+                                f"in one cell; pick one with --where {col}=VALUE.")
+            # A value may depend on the cell (calibration auto: loss at 3 bits and fewer),
+            # but each cell must have the same in every sweep.
+            across = values.groupby([df[c] for c in cells]).nunique()
+            if (across > 1).any():
+                seen = df.groupby("source")[col].apply(
+                    lambda v: tuple(sorted(map(str, set(v)))))
                 raise UserError(f"the sweeps differ in {col} ("
                                 + "; ".join(f"{s}: {', '.join(v)}" for s, v in seen.items())
                                 + "); a spread compares the same configuration.")
@@ -93,12 +99,18 @@ def cell_table(df, metric):
 
 
 def shared_settings(df):
-    """'method qat, qat_epochs 0.3, ...': the SAME columns the runs set (one value each, as
-    load_grids checked)."""
+    """'method qat, qat_epochs 0.3, ...': the SAME columns the runs set (one value each, or
+    one per activation width, as load_grids checked)."""
     items = []
     for col in SAME:
         if col in df.columns and df[col].notna().any():
-            items.append(f"{col} {df[col].dropna().iloc[0]}")
+            values = df.dropna(subset=[col]).groupby(df[col].astype(str))["activation_bits"]
+            if len(values) == 1:
+                items.append(f"{col} {df[col].dropna().iloc[0]}")
+            else:  # by activation width (e.g. calibration auto)
+                items.append(f"{col} " + ", ".join(
+                    f"{v} at A{'/'.join(f'{a:g}' for a in sorted(set(bits), reverse=True))}"
+                    for v, bits in values))
     return ", ".join(items)
 
 
