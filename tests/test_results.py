@@ -23,21 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = [("fashion-mnist-w0.35", 18, 42, 92.5), ("fashion-mnist-w0.35-e30", 30, 42, 93.0),
                ("fashion-mnist-w0.35-e30-s43", 30, 43, 93.0),
                ("fashion-mnist-w0.35-e30-s44", 30, 44, 93.0)]
-# How far (points of test accuracy) a re-run of each one's committed W4A8 cell may land from
-# it. Bit-identical on the machine that made it with the code that made it; another CPU may
-# move a test image or two. The 18-epoch grid predates three changes in how the same model is
-# computed (BatchNorm folded for evaluation, biases on the int32 grid, bias correction's
-# channel means summed in float32): re-run today, its cell moves by 5 to 7 of the 10,000 test
-# images (92.53 and 92.55 against 92.48) on the AVX-512 VNNI machines, and by 12 on an
-# AVX2-only one (92.36), so it gets 20.
-# The grid of today's defaults (GPTQ rounding, --equalize on) is bit-identical here too, but
-# GPTQ's rounding cascades from any change in float summation order (README,
-# Reproducibility), so another CPU may move its cell by up to the W4A8 seed spread (about
-# 0.1). (The older 30-epoch grids, bits.yaml and gptq.yaml, re-ran the same way until this
-# one replaced them here: one cell of the defaults' grid and one of the oldest grid keep the
-# suite's time down.)
-RERUN_TOLERANCE = {("fashion-mnist-w0.35", "bits.yaml"): 0.2,
-                   ("fashion-mnist-w0.35-e30", "grid-eq.yaml"): 0.1}
+# How far (points of test accuracy) a re-run of a committed W4A8 cell may land from it: the
+# seed-42 30-epoch checkpoint's grid with every default (grid-defaults.yaml). Bit-identical on
+# the kind of CPU that made it with the code that made it; GPTQ's rounding cascades from any
+# change in float summation order (docs/reproducibility.md), so another CPU may move the cell
+# by up to its seed spread (about 0.1).
+RERUN_TOLERANCE = {("fashion-mnist-w0.35-e30", "grid-defaults.yaml"): 0.1}
 
 
 @pytest.mark.parametrize("folder,epochs,seed,min_test_acc", CHECKPOINTS)
@@ -95,8 +86,7 @@ def test_one_committed_cell_reruns_to_the_committed_accuracy(tmp_path, folder, y
     table = pd.read_csv(sweep_dir / "runs.csv")
     row = table[(table.weight_bits == 4) & (table.activation_bits == 8)].iloc[0]
     assert row.status == "finished" and row.eval_images == 10_000
-    # The cell's own parameters, as the sweep gave them (the 18-epoch grid predates the
-    # `auto` bias correction default and ran with it always on).
+    # The cell's own parameters, as the sweep gave them.
     params = {k: v for k, v in json.loads(row.sweep_params).items()
               if k not in ("checkpoint", "data_dir")}
     # Settings added after the sweep: the value its row recorded, else what runs did before
@@ -117,7 +107,13 @@ def test_one_committed_cell_reruns_to_the_committed_accuracy(tmp_path, folder, y
     assert abs(rerun.quant_acc - row.quant_acc) <= RERUN_TOLERANCE[folder, yaml_name], (
         rerun.quant_acc, row.quant_acc)
     assert abs(rerun.baseline_acc - row.baseline_acc) <= 0.05
-    assert rerun.compressed_mb == row.compressed_mb and rerun.bitops == row.bitops
+    assert rerun.bitops == row.bitops
+    # The file's header writes the equalization clamps and the 8-bit output grids as JSON
+    # numbers, whose text is as long as the values (measured on the CPU) make it, padded to
+    # 8 bytes: the same bytes on the kind of CPU that made the row, a few bytes apart on
+    # another (W3A6 here: 8 bytes between an AVX2 and an AVX-512 VNNI machine).
+    same_cpu = rerun.get("cpu_isa") == row.get("cpu_isa")
+    assert abs(rerun.compressed_mb - row.compressed_mb) * 2**20 <= (0 if same_cpu else 64)
 
 
 def test_make_demo_trains_with_the_recipe_the_readme_states():
