@@ -21,11 +21,12 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mobilenet_compression.deploy import onnx_export as ox
+from mobilenet_compression.deploy import onnx_export as ox  # noqa: E402
+from mobilenet_compression.deploy import onnx_runtime as rt  # noqa: E402
 from mobilenet_compression.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from mobilenet_compression.cpu import cpu_isa  # noqa: E402
 from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
-from mobilenet_compression.evaluation import predict  # noqa: E402
+from mobilenet_compression.evaluation import accuracy, agreement, predict  # noqa: E402
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
 from mobilenet_compression.quant.output_grids import attach_output_grids
@@ -64,11 +65,11 @@ def main():
                     attach_output_grids(q, calib, CALIB_BATCHES)
                 torch_logits, labels = predict(q, loader)
                 ox.export_onnx(q, path, shape)
-                onnx_logits, _ = ox.predict_onnx(ox.session(path, 1), loader)
+                onnx_logits, _ = rt.predict_onnx(rt.session(path, 1), loader)
                 print(f"W{w}A{args.activation_bits} {name}: agreement "
-                      f"{ox.agreement(torch_logits, onnx_logits):.2f}%, PyTorch "
-                      f"{ox.accuracy(torch_logits, labels):.2f}%, ONNX Runtime "
-                      f"{ox.accuracy(onnx_logits, labels):.2f}%", flush=True)
+                      f"{agreement(torch_logits, onnx_logits):.2f}%, PyTorch "
+                      f"{accuracy(torch_logits, labels):.2f}%, ONNX Runtime "
+                      f"{accuracy(onnx_logits, labels):.2f}%", flush=True)
 
 if __name__ == "__main__":
     main()

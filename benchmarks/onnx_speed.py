@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mobilenet_compression.deploy import onnx_export as ox
+from mobilenet_compression.deploy import onnx_runtime as rt
 from mobilenet_compression.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from mobilenet_compression.cpu import cpu_isa  # noqa: E402
 from mobilenet_compression.data import BatchLoader, load_dataset  # noqa: E402
@@ -80,7 +81,7 @@ def ort_static(fp32_proto_bytes, calib_images, path, reduce_range=False):
 
 
 def profile(path, batch, threads, prefix):
-    sess = ox.session(path, threads, profile_prefix=prefix)
+    sess = rt.session(path, threads, profile_prefix=prefix)
     for _ in range(3):
         sess.run([ox.OUTPUT], {ox.INPUT: batch})
     trace = json.load(open(sess.end_profiling()))
@@ -121,9 +122,9 @@ def main():
     calibrate(qmodel, calib, "mse", 8)
     convert(qmodel)
     attach_output_grids(qmodel, calib)
-    batch = ox._numpy(next(iter(BatchLoader(test.head(args.batch_size), info,
+    batch = rt.to_numpy(next(iter(BatchLoader(test.head(args.batch_size), info,
                                             args.batch_size)))[0])
-    calib_images = np.concatenate([ox._numpy(x) for x, _ in calib])
+    calib_images = np.concatenate([rt.to_numpy(x) for x, _ in calib])
     shape = (info.in_channels, info.input_size, info.input_size)
     with tempfile.TemporaryDirectory() as tmp:
         ours = os.path.join(tmp, "ours.onnx")
@@ -132,12 +133,12 @@ def main():
         theirs = ort_static(fp32_bytes, calib_images, os.path.join(tmp, "ort.onnx"))
         theirs_7 = ort_static(fp32_bytes, calib_images, os.path.join(tmp, "ort7.onnx"),
                               reduce_range=True)
-        sessions = {"ONNX Runtime FP32": ox.session(fp32_bytes, args.threads),
+        sessions = {"ONNX Runtime FP32": rt.session(fp32_bytes, args.threads),
                     f"ONNX Runtime W{args.weight_bits}A{args.activation_bits} (ours)":
-                        ox.session(ours, args.threads),
-                    "ONNX Runtime quantize_static W8A8": ox.session(theirs, args.threads),
+                        rt.session(ours, args.threads),
+                    "ONNX Runtime quantize_static W8A8": rt.session(theirs, args.threads),
                     "ONNX Runtime quantize_static W8A8 reduce_range":
-                        ox.session(theirs_7, args.threads)}
+                        rt.session(theirs_7, args.threads)}
         # The ONNX Runtime sessions run in turn, one pass each per round (paired_throughput),
         # so a change in the machine's speed falls on all alike; the ratios are pass against
         # pass. PyTorch is timed between those blocks, its ratio from the medians.
@@ -145,7 +146,7 @@ def main():
         ratios = {k: [] for k in sessions}
         for _ in range(3):
             speeds["PyTorch eager FP32"].append(torch_img_s(fp32, batch, args.repeats))
-            ort_speeds, ort_ratios = ox.paired_throughput(list(sessions.values()), batch,
+            ort_speeds, ort_ratios = rt.paired_throughput(list(sessions.values()), batch,
                                                           args.batch_size, args.repeats)
             for name, v, r in zip(sessions, ort_speeds, ort_ratios):
                 speeds[name].append(v)

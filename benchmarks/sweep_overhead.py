@@ -20,7 +20,7 @@ import sys
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mobilenet_compression.run import AGREEMENT_IMAGES  # noqa: E402
+from mobilenet_compression.pipeline import AGREEMENT_IMAGES  # noqa: E402
 
 STAGES = ["startup", "wandb_init", "load", "baseline", "calibrate", "round", "clip_search",
           "qat", "eval", "export", "onnx", "log", "wandb_finish"]

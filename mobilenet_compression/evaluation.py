@@ -102,3 +102,12 @@ def evaluate(model, loader, criterion=None, bf16=False, fold=False):
         raise ValueError("evaluate() got an empty loader")
     accuracy = 100.0 * int(correct) / seen
     return (loss_sum / seen, accuracy) if criterion is not None else accuracy
+
+
+def accuracy(logits, labels):
+    return 100.0 * float((logits.argmax(1) == labels).double().mean())
+
+
+def agreement(logits_a, logits_b):
+    """Percent of images whose top-1 class is the same in both."""
+    return 100.0 * float((logits_a.argmax(1) == logits_b.argmax(1)).double().mean())

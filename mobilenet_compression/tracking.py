@@ -54,3 +54,43 @@ def init_run(mode, job_type, config, **kwargs):
     if not os.environ.get("WANDB_SWEEP_ID"):
         kwargs["project"] = project
     return wandb.init(job_type=job_type, config=config, mode=mode, **kwargs)
+
+
+
+def log_run(run, metrics, rows, model_path, ckpt, config, status):
+    """W&B: summary metrics and `status`, the per-layer BitOps table, the exported file as an
+    artifact."""
+    import wandb
+
+    run.summary.update({**metrics, "status": status})
+    columns = ["name", "type", "in_channels", "out_channels", "kernel", "stride",
+               "input_hw", "output_hw", "macs", "weight_bits", "activation_bits", "calibration",
+               "bitops", "bitops_share", "weight_bitops"]
+    total = sum(r["bitops"] for r in rows)
+    table = wandb.Table(columns=columns, data=[
+        ["x".join(map(str, r[c])) if isinstance(r[c], tuple) else r[c] for c in columns]
+        for r in ({**r, "bitops_share": r["bitops"] / total} for r in rows)])
+    # The plan, layer by layer (a mixed plan's bits differ from layer to layer): the table and
+    # one bar chart per kind of bits, in the order of the network.
+    run.log({"bitops_per_layer": table,
+             "bits_per_layer/weight": wandb.plot.bar(table, "name", "weight_bits",
+                                                title="weight bits per layer"),
+             "bits_per_layer/activation": wandb.plot.bar(table, "name", "activation_bits",
+                                                    title="activation bits per layer")})
+    label = (f"w{config.weight_bits}a{config.activation_bits}" if config.plan == "uniform"
+             else f"{config.plan}-{config.bitops_budget or ''}"
+                  f"{config.size_budget_mb and f'{config.size_budget_mb:g}mb' or ''}".rstrip("-"))
+    artifact = wandb.Artifact(
+        f"mobilenetv2-{ckpt['dataset']}-w{ckpt['width_multiplier']:g}-{label}-{config.method}",
+        type="quantized-model", metadata=metrics)
+    artifact.add_file(model_path)
+    onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
+    if os.path.exists(onnx_path):  # the ONNX QDQ file (onnx_export.py), beside it
+        artifact.add_file(onnx_path)
+    run.log_artifact(artifact)
+    if run.settings.mode == "online":
+        try:  # lineage: the baseline model artifact logged by train.py, if it is there
+            run.use_artifact(f"mobilenetv2-{ckpt['dataset']}-"
+                             f"w{ckpt['width_multiplier']:g}:latest")
+        except Exception as e:  # a checkpoint trained with W&B disabled has none
+            print(f"W&B: no baseline model artifact to link ({type(e).__name__}).")

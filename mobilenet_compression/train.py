@@ -195,166 +195,215 @@ def resolve_device(name):
     return device
 
 
-def main(args):
-    check_args(args)
-    threads.set_threads(args.threads)
-    prepare_checkpoint_dir(args.checkpoint_dir, args.resume)
-    last_path = os.path.join(args.checkpoint_dir, "last.pt")
-    best_path = os.path.join(args.checkpoint_dir, "best.pt")
-    log_path = os.path.join(args.checkpoint_dir, "training_log.txt")
+def load_resume_state(args, last_path):
+    """The interrupted run's last.pt with --resume (refused if a run-defining flag changed),
+    else None."""
+    if not args.resume:
+        return None
+    state = ckpt_io.load_checkpoint(last_path)
+    for k in RUN_DEFINING:
+        if k in state["args"] and state["args"][k] != getattr(args, k):
+            raise UserError(
+                f"--resume continues the run in {args.checkpoint_dir} exactly: its "
+                f"--{k} was {state['args'][k]}, not {getattr(args, k)}."
+            )
+    return state
 
-    state = None
-    if args.resume:
-        state = ckpt_io.load_checkpoint(last_path)
-        for k in RUN_DEFINING:
-            if k in state["args"] and state["args"][k] != getattr(args, k):
-                raise UserError(
-                    f"--resume continues the run in {args.checkpoint_dir} exactly: its "
-                    f"--{k} was {state['args'][k]}, not {getattr(args, k)}."
-                )
 
-    device = resolve_device(args.device)
+def make_loaders(args, device):
+    """(dataset info, train, validation and test loaders) on `device`, channels-last (faster
+    for MobileNetV2 on the GPU, cuDNN, and on the CPU, oneDNN)."""
     info, train, val, test = load_dataset(args.dataset, args.data_dir, args.val_size)
     train = train.head(args.max_train_samples).to(device)
     val = val.head(args.max_eval_samples).to(device)
     test = test.head(args.max_eval_samples).to(device)
-    # channels_last is faster for MobileNetV2 on the GPU (cuDNN) and on the CPU (oneDNN).
-    channels_last = True
     train_loader = BatchLoader(train, info, args.batch_size,
                                augment=args.augment == "crop-flip", shuffle=True, seed=args.seed,
-                               drop_last=len(train) > args.batch_size,
-                               channels_last=channels_last)
+                               drop_last=len(train) > args.batch_size, channels_last=True)
     eval_bs = max(args.batch_size, 512)
-    val_loader = BatchLoader(val, info, eval_bs, channels_last=channels_last)
-    test_loader = BatchLoader(test, info, eval_bs, channels_last=channels_last)
+    return (info, train_loader, BatchLoader(val, info, eval_bs, channels_last=True),
+            BatchLoader(test, info, eval_bs, channels_last=True))
 
-    torch.manual_seed(args.seed)
-    model = build_model("cifar", info.num_classes, args.width_multiplier, info.in_channels)
-    model.to(device)
-    model = model.to(memory_format=torch.channels_last)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=False)
-    per_step = args.lr_schedule == "step"
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=args.epochs * len(train_loader) if per_step else args.epochs)
-    meta = checkpoint_metadata(args, info)
 
-    start_epoch, start_step, best_val, wandb_id = 0, 0, -1.0, None
-    totals = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        best_val = state["best_val_acc"]
-        wandb_id = state.get("wandb_id")
-        if start_step:
-            totals = {k: (torch.tensor(v, device=device) if k in ("loss", "correct") else v)
-                      for k, v in state["partial"].items()}
-        print(f"resuming from {last_path}: epoch {start_epoch + 1}, step {start_step}")
+class Training:
+    """One training run: the model, its optimiser and schedule, the checkpoint files, and the
+    epoch loop (`run`), which saves last.pt after every epoch (and at a stop mid-epoch) and
+    best.pt whenever validation accuracy improves."""
 
-    mode = resolve_mode(args.wandb_mode)
-    run = None
-    if mode != "disabled":
-        run = init_run(mode, "train", vars(args), id=wandb_id,
-                       resume="allow" if wandb_id else None, project=args.wandb_project)
-        wandb_id = run.id
+    def __init__(self, args):
+        check_args(args)
+        threads.set_threads(args.threads)
+        prepare_checkpoint_dir(args.checkpoint_dir, args.resume)
+        self.args = args
+        self.last_path = os.path.join(args.checkpoint_dir, "last.pt")
+        self.best_path = os.path.join(args.checkpoint_dir, "best.pt")
+        self.log_path = os.path.join(args.checkpoint_dir, "training_log.txt")
+        self.state = load_resume_state(args, self.last_path)
+        self.device = resolve_device(args.device)
+        self.info, self.train_loader, self.val_loader, self.test_loader = make_loaders(
+            args, self.device)
+        torch.manual_seed(args.seed)
+        model = build_model("cifar", self.info.num_classes, args.width_multiplier,
+                            self.info.in_channels)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr,
+                                         momentum=args.momentum,
+                                         weight_decay=args.weight_decay, nesterov=False)
+        self.per_step = args.lr_schedule == "step"
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer,
+            T_max=args.epochs * len(self.train_loader) if self.per_step else args.epochs)
+        self.meta = checkpoint_metadata(args, self.info)
+        self.start_epoch, self.start_step, self.best_val, self.wandb_id = 0, 0, -1.0, None
+        self.totals = None
+        if self.state is not None:
+            self.restore(self.state)
+        self.run = None
 
-    def save_last(epoch, step, partial=None):
+    def restore(self, state):
+        """Model, optimiser, schedule and position from last.pt (mid-epoch: the totals so far)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.start_step = state["epoch"], state["step"]
+        self.best_val = state["best_val_acc"]
+        self.wandb_id = state.get("wandb_id")
+        if self.start_step:
+            self.totals = {k: (torch.tensor(v, device=self.device)
+                               if k in ("loss", "correct") else v)
+                           for k, v in state["partial"].items()}
+        print(f"resuming from {self.last_path}: epoch {self.start_epoch + 1}, "
+              f"step {self.start_step}")
+
+    def start_wandb(self):
+        mode = resolve_mode(self.args.wandb_mode)
+        if mode != "disabled":
+            self.run = init_run(mode, "train", vars(self.args), id=self.wandb_id,
+                                resume="allow" if self.wandb_id else None,
+                                project=self.args.wandb_project)
+            self.wandb_id = self.run.id
+
+    def save_last(self, epoch, step, partial=None):
         rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         ckpt_io.atomic_save({
-            **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-            "partial": partial, "rng": rng, "best_val_acc": best_val, "wandb_id": wandb_id,
-        }, last_path)
+            **self.meta, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch, "step": step, "partial": partial, "rng": rng,
+            "best_val_acc": self.best_val, "wandb_id": self.wandb_id,
+        }, self.last_path)
 
-    status = "done"
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, args.epochs):
-            t0 = time.perf_counter()
-            if totals is not None and start_step:
-                torch.set_rng_state(state["rng"]["cpu"])
-                if device.type == "cuda" and "cuda" in state["rng"]:
-                    torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-            else:
-                torch.manual_seed(args.seed + epoch)
-                totals = {"loss": torch.zeros((), device=device),
-                          "correct": torch.zeros((), dtype=torch.long, device=device),
-                          "seen": 0, "steps": 0}
-            train_loader.set_epoch(epoch, start_step)
-            start_step = 0
-            status = train_one_epoch(model, train_loader, optimizer, criterion, stop, totals,
-                                     desc=f"epoch {epoch + 1}/{args.epochs}",
-                                     step_scheduler=scheduler if per_step else None)
-            if status == "nan":
-                raise UserError(
-                    f"the training loss became NaN in epoch {epoch + 1}; {last_path} keeps the "
-                    f"last good epoch. Lower --lr and train again."
-                )
-            if status == "stopped":
-                partial = {"loss": float(totals["loss"]), "correct": int(totals["correct"]),
-                           "seen": totals["seen"], "steps": totals["steps"]}
-                save_last(epoch, totals["steps"], partial)
-                print(f"stopped in epoch {epoch + 1} at step {totals['steps']}; {last_path} "
-                      f"saved: continue with the same command and --resume.")
-                break
-            train_time = time.perf_counter() - t0
-            lr = totals.get("lr", optimizer.param_groups[0]["lr"])  # the epoch's last step's
-            if not per_step:
-                scheduler.step()
-            val_loss, val_acc = evaluate(model, val_loader, criterion, bf16=True)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": float(totals["loss"]) / totals["seen"],
-                "train_acc": 100.0 * int(totals["correct"]) / totals["seen"],
-                "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-                "epoch_time_s": time.perf_counter() - t0,
-                "images_per_s": totals["seen"] / train_time,
-            }
-            if val_acc > best_val:
-                best_val = val_acc
-                ckpt_io.atomic_save({**meta, "model": cpu_state(model), "epoch": epoch + 1,
-                                     "train_acc": row["train_acc"], "val_acc": val_acc,
-                                     "best_val_acc": best_val}, best_path)
-            save_last(epoch + 1, 0)
-            line = (f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} "
-                    f"train_acc {row['train_acc']:.2f} val_loss {val_loss:.4f} val_acc "
-                    f"{val_acc:.2f} best_val_acc {best_val:.2f} lr {lr:.5f} "
-                    f"time {row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s")
-            print(line)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
-            if run is not None:
-                run.log(row, step=epoch + 1)
+    def epoch_start(self, epoch):
+        """The epoch's randomness and running totals: a resumed epoch's saved RNG state and
+        totals, else seed + epoch and zeros."""
+        if self.totals is not None and self.start_step:
+            torch.set_rng_state(self.state["rng"]["cpu"])
+            if self.device.type == "cuda" and "cuda" in self.state["rng"]:
+                torch.cuda.set_rng_state(self.state["rng"]["cuda"], self.device)
+        else:
+            torch.manual_seed(self.args.seed + epoch)
+            self.totals = {"loss": torch.zeros((), device=self.device),
+                           "correct": torch.zeros((), dtype=torch.long, device=self.device),
+                           "seen": 0, "steps": 0}
+        self.train_loader.set_epoch(epoch, self.start_step)
+        self.start_step = 0
 
-    if status == "stopped":
-        if run is not None:
-            run.finish(exit_code=130)
+    def run_epochs(self):
+        """Train to the last epoch or to a stop; returns "done" or "stopped"."""
+        status = "done"
+        with StopFlag() as stop:
+            for epoch in range(self.start_epoch, self.args.epochs):
+                t0 = time.perf_counter()
+                self.epoch_start(epoch)
+                status = train_one_epoch(
+                    self.model, self.train_loader, self.optimizer, self.criterion, stop,
+                    self.totals, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+                    step_scheduler=self.scheduler if self.per_step else None)
+                if status == "nan":
+                    raise UserError(
+                        f"the training loss became NaN in epoch {epoch + 1}; {self.last_path} "
+                        f"keeps the last good epoch. Lower --lr and train again.")
+                if status == "stopped":
+                    self.save_stopped(epoch)
+                    break
+                self.epoch_end(epoch, t0, time.perf_counter() - t0)
+        return status
+
+    def save_stopped(self, epoch):
+        totals = self.totals
+        partial = {"loss": float(totals["loss"]), "correct": int(totals["correct"]),
+                   "seen": totals["seen"], "steps": totals["steps"]}
+        self.save_last(epoch, totals["steps"], partial)
+        print(f"stopped in epoch {epoch + 1} at step {totals['steps']}; {self.last_path} "
+              f"saved: continue with the same command and --resume.")
+
+    def epoch_end(self, epoch, t0, train_time):
+        """Validate, keep best.pt, save last.pt, and log the epoch's line and W&B row."""
+        totals = self.totals
+        lr = totals.get("lr", self.optimizer.param_groups[0]["lr"])  # the epoch's last step's
+        if not self.per_step:
+            self.scheduler.step()
+        val_loss, val_acc = evaluate(self.model, self.val_loader, self.criterion, bf16=True)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(totals["loss"]) / totals["seen"],
+            "train_acc": 100.0 * int(totals["correct"]) / totals["seen"],
+            "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+            "epoch_time_s": time.perf_counter() - t0,
+            "images_per_s": totals["seen"] / train_time,
+        }
+        if val_acc > self.best_val:
+            self.best_val = val_acc
+            ckpt_io.atomic_save({**self.meta, "model": cpu_state(self.model),
+                                 "epoch": epoch + 1, "train_acc": row["train_acc"],
+                                 "val_acc": val_acc, "best_val_acc": self.best_val},
+                                self.best_path)
+        self.save_last(epoch + 1, 0)
+        line = (f"epoch {epoch + 1}/{self.args.epochs} train_loss {row['train_loss']:.4f} "
+                f"train_acc {row['train_acc']:.2f} val_loss {val_loss:.4f} val_acc "
+                f"{val_acc:.2f} best_val_acc {self.best_val:.2f} lr {lr:.5f} "
+                f"time {row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s")
+        print(line)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+        if self.run is not None:
+            self.run.log(row, step=epoch + 1)
+
+    def finish(self):
+        """best.pt's test accuracy (written into it), and its W&B artifact."""
+        best = ckpt_io.load_checkpoint(self.best_path)
+        self.model.load_state_dict(best["model"])
+        _, test_acc = evaluate(self.model, self.test_loader, self.criterion, bf16=True)
+        best["test_acc"] = test_acc
+        ckpt_io.atomic_save(best, self.best_path)
+        print(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.2f} test_acc "
+              f"{test_acc:.2f} -> {self.best_path}")
+        if self.run is not None:
+            self.run.summary.update({"test_acc": test_acc, "best_val_acc": best["val_acc"],
+                                     "best_epoch": best["epoch"]})
+            import wandb
+
+            artifact = wandb.Artifact(
+                f"mobilenetv2-{self.args.dataset}-w{self.args.width_multiplier:g}",
+                type="model", metadata={k: v for k, v in best.items() if k not in ("model",)},
+            )
+            artifact.add_file(self.best_path, name="best.pt")
+            self.run.log_artifact(artifact)
+            self.run.finish()
+        return best
+
+
+def main(args):
+    """Train as `args` say (a stop exits 130 with last.pt saved); returns best.pt's content."""
+    training = Training(args)
+    training.start_wandb()
+    if training.run_epochs() == "stopped":
+        if training.run is not None:
+            training.run.finish(exit_code=130)
         sys.exit(130)
-
-    best = ckpt_io.load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
-    _, test_acc = evaluate(model, test_loader, criterion, bf16=True)
-    best["test_acc"] = test_acc
-    ckpt_io.atomic_save(best, best_path)
-    print(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.2f} test_acc {test_acc:.2f} "
-          f"-> {best_path}")
-    if run is not None:
-        run.summary.update({"test_acc": test_acc, "best_val_acc": best["val_acc"],
-                            "best_epoch": best["epoch"]})
-        import wandb
-
-        artifact = wandb.Artifact(
-            f"mobilenetv2-{args.dataset}-w{args.width_multiplier:g}", type="model",
-            metadata={k: v for k, v in best.items() if k not in ("model",)},
-        )
-        artifact.add_file(best_path, name="best.pt")
-        run.log_artifact(artifact)
-        run.finish()
-    return best
+    return training.finish()
 
 
 @cli

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from mobilenet_compression.deploy import onnx_export as ox
+from mobilenet_compression.deploy import onnx_runtime as rt
 from mobilenet_compression.data import BatchLoader
-from mobilenet_compression.evaluation import eval_loader, predict
+from mobilenet_compression.evaluation import agreement, eval_loader, predict
 from mobilenet_compression.deploy.export import export_quantized, load_quantized, read_quantized
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
@@ -172,8 +173,8 @@ def test_equalized_model_exports_reloads_and_runs_in_onnx_runtime(
     assert float_clips and all(n.input[2] == "six" for n in float_clips)
     read = {i for n in proto.graph.node for i in n.input}
     assert all(t.name in read for t in proto.graph.initializer)
-    out, _ = ox.predict_onnx(ox.session(proto.SerializeToString(), 1), tl)
-    assert ox.agreement(want, out) >= 98.0
+    out, _ = rt.predict_onnx(rt.session(proto.SerializeToString(), 1), tl)
+    assert agreement(want, out) >= 98.0
     assert np.isfinite(out.numpy()).all()
 
 

@@ -5,7 +5,7 @@ one control moved down moves every number the right way; and bad inputs are one 
 The page is written by the real command for the small checkpoint (conftest), which measures
 its sensitivities for real on 32 training images; the sweep it reads is a runs.csv written by
 results.append_run from real PTQ runs of that checkpoint (quantize, calibrate, bias correction,
-evaluate, export as run.py does), five uniform cells and one mixed-precision plan."""
+evaluate, export as a run does), five uniform cells and one mixed-precision plan."""
 
 import json
 import os
@@ -30,7 +30,7 @@ from mobilenet_compression.quant.precision import (
     uniform_plan,
 )
 from mobilenet_compression.quant.prepare import quantize_model
-from mobilenet_compression.run import export_and_check
+from mobilenet_compression.pipeline import export_and_check
 from mobilenet_compression.sweep import results
 from tests.conftest import load, torch_threads
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
@@ -51,7 +51,7 @@ def explorer(args, tmp):
 
 
 def real_run(fp32, ckpt, checkpoint, plan, label, fashion_mnist, out_dir, baseline_acc):
-    """One PTQ run as run.py does it (fewer images: 64 to calibrate, 500 to evaluate); its
+    """One PTQ run as pipeline.py does it (fewer images: 64 to calibrate, 500 to evaluate); its
     runs.csv row and exported file."""
     info, train, _, test = fashion_mnist
     calib = BatchLoader(train.head(64), info, 64, channels_last=True)

@@ -16,18 +16,20 @@ from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
 from mobilenet_compression.evaluation import eval_loader, evaluate, predict
 from mobilenet_compression.deploy.export import (
+    export_quantized,
+    load_quantized,
+    pack_bits,
+    read_quantized,
+    unpack_bits,
+)
+from mobilenet_compression.deploy.size import (
     activation_compression_ratio,
     activation_elements,
     compressed_mb,
     compression_metrics,
     compression_ratio,
     container_bytes,
-    export_quantized,
-    load_quantized,
     orig_mb,
-    pack_bits,
-    read_quantized,
-    unpack_bits,
     weight_compression_ratio,
 )
 from mobilenet_compression.quant.bias_correction import bias_correct

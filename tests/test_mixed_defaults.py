@@ -4,7 +4,8 @@ the best uniform configuration within its budget when that scores higher on vali
 import torch
 
 from mobilenet_compression.mixed import planner
-from mobilenet_compression import run
+from mobilenet_compression import pipeline
+from mobilenet_compression.mixed.plan import keep_plan_or_uniform
 from mobilenet_compression.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader
@@ -61,7 +62,7 @@ def test_a_mixed_plan_searches_the_clips_of_its_3_bit_inputs_and_no_other(
 
         qmodel, chosen, _, layers = recipe.post_training_quantize(
             config, plan, fashion_mnist_model, loader, None, prefers_moved_clips,
-            run.Progress())
+            pipeline.Progress())
     clips = _clips(qmodel)
     at3 = [n for n in names if plan[n][1] == 3]
     at8 = [n for n in names if plan[n][1] == 8]
@@ -74,7 +75,7 @@ def test_a_mixed_plan_searches_the_clips_of_its_3_bit_inputs_and_no_other(
     with torch_threads(1):
         qmodel, chosen, _, layers = recipe.post_training_quantize(
             config, high, fashion_mnist_model, loader, None, prefers_moved_clips,
-            run.Progress())
+            pipeline.Progress())
     assert "clip_search_used" not in chosen and set(layers.values()) == {"mse"}
 
 
@@ -130,15 +131,15 @@ def test_a_plan_run_keeps_the_uniform_rival_when_it_scores_higher_and_says_so(
     with torch_threads(1):
         for name, score in (("uniform", prefers_uniform), ("mixed", prefers_mixed)):
             planned = recipe.post_training_quantize(config, plan, model, loader, None, score,
-                                                 run.Progress())
-            results[name] = run.keep_plan_or_uniform(config, planned, planning, model, info,
-                                                     model, loader, None, score,
-                                                     run.Progress())
+                                                 pipeline.Progress())
+            results[name] = keep_plan_or_uniform(config, planned, planning, model, info,
+                                                 model, loader, None, score,
+                                                 pipeline.Progress())
     qmodel, chosen, score, _ = results["uniform"]
     assert chosen["plan_kept"] == "uniform" and chosen["uniform_rival"] == "w4a4"
     assert (chosen["plan_val_acc"], chosen["uniform_val_acc"], score) == (80.0, 90.0, 90.0)
     assert set(precision_plan(qmodel).values()) == {(4, 4)}
-    assert "uniform W4A4 kept over the plan" in run.choice_words(config, chosen)
+    assert "uniform W4A4 kept over the plan" in pipeline.choice_words(config, chosen)
     qmodel, chosen, score, _ = results["mixed"]
     assert chosen["plan_kept"] == "plan" and score == 20.0
     assert precision_plan(qmodel) == plan

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 
 from mobilenet_compression.deploy import onnx_export as ox
+from mobilenet_compression.deploy import onnx_runtime as rt
 from mobilenet_compression.cpu import cpu_isa
 from mobilenet_compression.data import BatchLoader
-from mobilenet_compression.evaluation import eval_loader, predict
+from mobilenet_compression.evaluation import accuracy, agreement, eval_loader, predict
 from mobilenet_compression.quant.bias_correction import bias_correct
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
@@ -64,7 +65,7 @@ def test_batchnorm_folding_keeps_the_fp32_model_outputs(fashion_mnist, fashion_m
                                        for n in proto.graph.node)
     with torch_threads(1):
         want, _ = predict(fashion_mnist_model, loader)
-    got, _ = ox.predict_onnx(ox.session(proto.SerializeToString(), 1), loader)
+    got, _ = rt.predict_onnx(rt.session(proto.SerializeToString(), 1), loader)
     # Folding reorders float32 arithmetic only: the logits (magnitudes ~10) agree to 1e-4.
     assert float((got - want).abs().max()) < 1e-4
 
@@ -82,13 +83,13 @@ def test_onnx_model_passes_the_checker_and_agrees_with_the_pytorch_model(
     loader = eval_loader(test.head(1000), info)
     with torch_threads(1):
         want, labels = predict(qmodel, loader)
-    got, _ = ox.predict_onnx(ox.session(str(path), 1), loader)
+    got, _ = rt.predict_onnx(rt.session(str(path), 1), loader)
     # The same grids, the residual adds' 8-bit grids at A8 included (the model has them
     # too); the engine divides where torch multiplies, so a value on a rounding boundary
     # lands one code apart now and then: top-1 agrees on at least 99.5% of these 1,000
     # real test images (99.8% and 100% measured).
-    assert ox.agreement(want, got) >= 99.5
-    assert abs(ox.accuracy(got, labels) - ox.accuracy(want, labels)) <= 0.3
+    assert agreement(want, got) >= 99.5
+    assert abs(accuracy(got, labels) - accuracy(want, labels)) <= 0.3
 
 
 def test_every_integer_layer_is_proven_exact_on_any_cpu_before_a_file_is_written(
@@ -126,9 +127,9 @@ def test_w3a4_model_holds_only_3_bit_weight_and_4_bit_activation_codes(
     for name, _, _ in q_outputs:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8,
                                                                      None))
-    sess = ox.session(proto.SerializeToString(), 1)
+    sess = rt.session(proto.SerializeToString(), 1)
     x, _ = next(iter(eval_loader(test.head(256), info)))
-    outs = sess.run([n for n, _, _ in q_outputs], {ox.INPUT: ox._numpy(x)})
+    outs = sess.run([n for n, _, _ in q_outputs], {ox.INPUT: rt.to_numpy(x)})
     for (name, lo, hi), out in zip(q_outputs, outs):
         assert (lo, hi) == (0, 15), name
         assert out.min() >= lo and out.max() <= hi, name
@@ -273,18 +274,18 @@ def test_w8a8_pools_in_the_engines_layout_with_the_same_result(
         nchw.graph.node.insert(first + k, node)
     onnx.checker.check_model(nchw)
     loader = eval_loader(test.head(512), info)
-    got, _ = ox.predict_onnx(ox.session(proto.SerializeToString(), 1), loader)
-    want, _ = ox.predict_onnx(ox.session(nchw.SerializeToString(), 1), loader)
+    got, _ = rt.predict_onnx(rt.session(proto.SerializeToString(), 1), loader)
+    want, _ = rt.predict_onnx(rt.session(nchw.SerializeToString(), 1), loader)
     # Only the order of a float32 mean's additions differs: logits (~10) agree to 1e-4.
-    assert float((got - want).abs().max()) < 1e-4 and ox.agreement(got, want) == 100.0
+    assert float((got - want).abs().max()) < 1e-4 and agreement(got, want) == 100.0
 
 
 def test_paired_throughput_times_each_session_in_turn(fashion_mnist, fashion_mnist_model):
     info, _, _, test = fashion_mnist
     proto, _ = ox.build_onnx(fashion_mnist_model, SHAPE)
-    fp32 = ox.session(proto.SerializeToString(), 1)
-    batch = ox._numpy(next(iter(eval_loader(test.head(64), info)))[0])
-    speeds, ratios = ox.paired_throughput([fp32, fp32], batch, batch_size=64, repeats=5)
+    fp32 = rt.session(proto.SerializeToString(), 1)
+    batch = rt.to_numpy(next(iter(eval_loader(test.head(64), info)))[0])
+    speeds, ratios = rt.paired_throughput([fp32, fp32], batch, batch_size=64, repeats=5)
     assert len(speeds) == 2 and all(s > 0 for s in speeds)
     # A session against itself: the first's ratio is exactly 1, the second's near it.
     assert ratios[0] == 1.0 and 0.5 < ratios[1] < 2.0

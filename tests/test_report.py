@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from mobilenet_compression.errors import UserError
-from mobilenet_compression.sweep import report, results
+from mobilenet_compression.sweep import plots, report, results
+from mobilenet_compression.sweep import table as runs_table
 from tests.conftest import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_pareto_front():
     cost = [1, 2, 3, 4, 2, 5]
     acc = [10, 50, 40, 80, 50, 80]
     # (3, 40) is beaten by (2, 50); (5, 80) by (4, 80); the two (2, 50) keep one.
-    assert report.pareto_front(cost, acc).tolist() == [True, True, False, True, False, False]
+    assert runs_table.pareto_front(cost, acc).tolist() == [True, True, False, True, False, False]
 
 
 def test_report_cli_writes_table_plots_and_lists_failures(tmp_path):
@@ -196,7 +197,7 @@ def test_report_cli_writes_table_plots_and_lists_failures(tmp_path):
         assert image.std() > 0.05, name  # something is drawn
     html = (sweep_dir / "parallel_coordinates.html").read_text()
     assert '"type":"parcoords"' in html.replace(" ", "")
-    for label in report.AXIS_LABELS.values():
+    for label in plots.AXIS_LABELS.values():
         assert label in html
     assert "Plotly.newPlot" in html
     # plotly.js is not inside the page but one shared copy beside the sweep's folder, loaded
@@ -206,7 +207,7 @@ def test_report_cli_writes_table_plots_and_lists_failures(tmp_path):
 
     assert src == f"../plotly-{get_plotlyjs_version()}.min.js"
     assert (sweep_dir / src).read_text() == get_plotlyjs()
-    assert (sweep_dir / "parallel_coordinates.html").stat().st_size < report.HTML_LIMIT_BYTES
+    assert (sweep_dir / "parallel_coordinates.html").stat().st_size < plots.HTML_LIMIT_BYTES
     assert f"Redraw it with `python sweep.py --report {sweep_dir}`" in summary
     assert "[docs/metrics.md](" in summary
 
@@ -351,5 +352,5 @@ def drawn_runs(driver, page, errors_allowed=False):
     axes, runs = driver.execute_script(
         "const plot = document.querySelector('.js-plotly-plot');"
         "return [plot.querySelectorAll('.y-axis').length, plot._fullData[0]._length]")
-    assert axes == len(report.AXES)  # one drawn axis per panel column
+    assert axes == len(plots.AXES)  # one drawn axis per panel column
     return runs

@@ -183,7 +183,7 @@ def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size
     """Everything the page needs, as a JSON-ready dict (the page computes the rest)."""
     from ..checkpoint import load_model
     from ..data import load_dataset
-    from ..deploy.export import orig_mb
+    from ..deploy.size import orig_mb
     from .sensitivity import BITS, sensitivity
 
     ckpt, fp32 = load_model(checkpoint)

@@ -63,7 +63,7 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
             q.finish_observing(method)
     except BaseException:
         for q in quantizers:
-            q._reset_stats()
+            q.reset_stats()
             q.mode = "quantize"
         raise
     finally:

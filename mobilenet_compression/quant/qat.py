@@ -70,6 +70,104 @@ def check_steps(steps, checks):
     return sorted({max(1, round(steps * k / checks)) for k in range(1, checks + 1)})
 
 
+def _optimizer(qmodel, quantizers, config, weight_decay, steps):
+    """SGD (Nesterov) over the weights (weight decay) and the learned scales (none), cosine
+    to 0 over `steps`; the biases bias correction added stay fixed. Returns (optimizer,
+    schedule, the fixed biases)."""
+    for q in quantizers:
+        q.learn_scale(True)
+    scales = [q.scale for q in quantizers]
+    fixed = [layer.bias for _, layer in quant_layers(qmodel)
+             if getattr(layer, "bias_added", False)]
+    for b in fixed:
+        b.requires_grad_(False)
+    weights = [p for n, p in qmodel.named_parameters()
+               if not n.endswith(".scale") and p.requires_grad]
+    optimizer = torch.optim.SGD([
+        {"params": weights, "weight_decay": weight_decay},
+        {"params": scales, "weight_decay": 0.0},
+    ], lr=config.qat_lr, momentum=0.9, nesterov=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    return optimizer, schedule, fixed
+
+
+def _loss(logits, x, y, teacher, distill):
+    """KL to the teacher's outputs with distillation, else cross-entropy to the labels."""
+    if teacher is not None and distill:
+        with torch.no_grad():
+            target = F.softmax(teacher(x), dim=1)
+        return F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
+    return F.cross_entropy(logits, y)
+
+
+class _Checks:
+    """The validation checks of a QAT run: the scores at `steps`, the best model seen (the
+    start included; a tie keeps the earlier) and the seconds they took."""
+
+    def __init__(self, qmodel, score, steps, score_start):
+        self.score, self.steps, self.seconds = score, set(steps), 0.0
+        if not self.steps:
+            return
+        t = time.perf_counter()
+        self.start = score_start if score_start is not None else score(qmodel.eval())
+        self.best = {"acc": self.start, "step": 0, "state": _snapshot(qmodel)}
+        self.seconds = time.perf_counter() - t
+
+    def at(self, step, qmodel, frozen, log):
+        """Score the model after `step` if it is a check step (back in training mode after)."""
+        if step not in self.steps:
+            return
+        t = time.perf_counter()
+        acc = self.score(qmodel.eval())
+        qmodel.train()
+        if frozen:
+            _set_bn_training(qmodel, False)
+        if acc > self.best["acc"]:
+            self.best = {"acc": acc, "step": step, "state": _snapshot(qmodel)}
+        self.last = acc
+        self.seconds += time.perf_counter() - t
+        if log is not None:
+            log({"qat/val_acc": acc}, step)
+
+    def keep_best(self, qmodel, steps):
+        """Load the best model seen into `qmodel`; returns the checks' metrics."""
+        best = self.best
+        if best["step"] != steps:
+            qmodel.load_state_dict(best["state"])
+        print(f"QAT: kept the model after step {best['step']} of {steps} "
+              f"({'the PTQ start' if best['step'] == 0 else 'trained'}): "
+              f"{best['acc']:.2f}% on the validation images, against {self.start:.2f}% at "
+              f"the start and {self.last:.2f}% at the end", flush=True)
+        return {"qat_val_acc_start": self.start, "qat_val_acc_last": self.last,
+                "qat_val_acc_kept": best["acc"], "qat_kept_step": best["step"],
+                "qat_check_seconds": self.seconds}
+
+
+class _Curve:
+    """The training curve: loss and accuracy averaged over every LOG_EVERY steps."""
+
+    def __init__(self, bar, log, batches_per_epoch):
+        self.bar, self.log, self.batches = bar, log, batches_per_epoch
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, step, steps, loss, logits, y, lr):
+        self.loss_sum += float(loss.detach()) * len(y)
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += len(y)
+        if not math.isfinite(self.loss_sum):
+            raise FloatingPointError(f"the QAT loss became NaN at step {step}; lower --qat_lr")
+        self.bar.update(1)
+        if step % LOG_EVERY == 0 or step == steps:
+            row = {"qat/loss": self.loss_sum / self.seen,
+                   "qat/train_acc": 100.0 * self.correct / self.seen,
+                   "qat/lr": lr, "qat/epoch": step / self.batches}
+            self.bar.set_postfix(loss=f"{row['qat/loss']:.3f}")
+            if self.log is not None:
+                self.log(row, step)
+            self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+
 def train_qat(qmodel, train_split, info, config, weight_decay=4e-5, teacher=None, log=None,
               score=None, score_start=None):
     """Fine-tune `qmodel` in place for `config.qat_epochs` epochs (fractions allowed) of
@@ -91,41 +189,21 @@ def train_qat(qmodel, train_split, info, config, weight_decay=4e-5, teacher=None
                          channels_last=True)
     steps = max(1, math.ceil(config.qat_epochs * len(loader)))
     freeze_at = int(config.qat_freeze_bn * steps)
-
     quantizers = list(_quantizers(qmodel))
-    for q in quantizers:
-        q.learn_scale(True)
-    scales = [q.scale for q in quantizers]
-    fixed = [layer.bias for _, layer in quant_layers(qmodel)
-             if getattr(layer, "bias_added", False)]
-    for b in fixed:
-        b.requires_grad_(False)
-    weights = [p for n, p in qmodel.named_parameters()
-               if not n.endswith(".scale") and p.requires_grad]
-    optimizer = torch.optim.SGD([
-        {"params": weights, "weight_decay": weight_decay},
-        {"params": scales, "weight_decay": 0.0},
-    ], lr=config.qat_lr, momentum=0.9, nesterov=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    optimizer, schedule, fixed = _optimizer(qmodel, quantizers, config, weight_decay, steps)
     if teacher is not None:
         teacher.eval()
-    checks = set(check_steps(steps, config.qat_checks)) if score is not None else set()
     t_start = time.perf_counter()  # the start's score is part of QAT's time
-    if checks:
-        if score_start is None:
-            score_start = score(qmodel.eval())
-        best = {"acc": score_start, "step": 0, "state": _snapshot(qmodel)}
-    check_seconds = time.perf_counter() - t_start
-
+    checks = _Checks(qmodel, score, check_steps(steps, config.qat_checks)
+                     if score is not None else [], score_start)
     print(f"QAT: {steps} steps of {config.qat_batch_size} training images "
           f"({config.qat_epochs:g} epochs), lr {config.qat_lr:g}, BatchNorm statistics frozen "
           f"after step {freeze_at}", flush=True)
     torch.manual_seed(config.seed)
     qmodel.train()
     step, epoch, images = 0, 0, 0
-    loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(total=steps, desc="QAT", leave=False, disable=None, dynamic_ncols=True)
+    curve = _Curve(bar, log, len(loader))
     try:
         while step < steps:
             loader.set_epoch(epoch)
@@ -133,12 +211,7 @@ def train_qat(qmodel, train_split, info, config, weight_decay=4e-5, teacher=None
                 if step == freeze_at:
                     _set_bn_training(qmodel, False)
                 logits = qmodel(x)
-                if teacher is not None and config.distill:
-                    with torch.no_grad():
-                        target = F.softmax(teacher(x), dim=1)
-                    loss = F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
-                else:
-                    loss = F.cross_entropy(logits, y)
+                loss = _loss(logits, x, y, teacher, config.distill)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -147,33 +220,8 @@ def train_qat(qmodel, train_split, info, config, weight_decay=4e-5, teacher=None
                     q.clamp_scale()
                 step += 1
                 images += len(y)
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(
-                        f"the QAT loss became NaN at step {step}; lower --qat_lr")
-                bar.update(1)
-                if step % LOG_EVERY == 0 or step == steps:
-                    row = {"qat/loss": loss_sum / seen, "qat/train_acc": 100.0 * correct / seen,
-                           "qat/lr": optimizer.param_groups[0]["lr"],
-                           "qat/epoch": step / len(loader)}
-                    bar.set_postfix(loss=f"{row['qat/loss']:.3f}")
-                    if log is not None:
-                        log(row, step)
-                    loss_sum, correct, seen = 0.0, 0, 0
-                if step in checks:
-                    t_check = time.perf_counter()
-                    acc = score(qmodel.eval())
-                    qmodel.train()
-                    if step >= freeze_at:
-                        _set_bn_training(qmodel, False)
-                    if acc > best["acc"]:
-                        best = {"acc": acc, "step": step, "state": _snapshot(qmodel)}
-                    last = acc
-                    check_seconds += time.perf_counter() - t_check
-                    if log is not None:
-                        log({"qat/val_acc": acc}, step)
+                curve.add(step, steps, loss, logits, y, optimizer.param_groups[0]["lr"])
+                checks.at(step, qmodel, step >= freeze_at, log)
                 if step == steps:
                     break
             epoch += 1
@@ -183,14 +231,6 @@ def train_qat(qmodel, train_split, info, config, weight_decay=4e-5, teacher=None
             b.requires_grad_(True)
     qmodel.eval()
     out = {"qat_steps": steps, "qat_images": images}
-    if checks:
-        if best["step"] != steps:
-            qmodel.load_state_dict(best["state"])
-        print(f"QAT: kept the model after step {best['step']} of {steps} "
-              f"({'the PTQ start' if best['step'] == 0 else 'trained'}): "
-              f"{best['acc']:.2f}% on the validation images, against {score_start:.2f}% at "
-              f"the start and {last:.2f}% at the end", flush=True)
-        out.update({"qat_val_acc_start": score_start, "qat_val_acc_last": last,
-                    "qat_val_acc_kept": best["acc"], "qat_kept_step": best["step"],
-                    "qat_check_seconds": check_seconds})
+    if checks.steps:
+        out.update(checks.keep_best(qmodel, steps))
     return {"qat_seconds": time.perf_counter() - t_start, **out}

@@ -133,7 +133,7 @@ class ActQuantizer(_LearnableScale, nn.Module):
         self.signed = True
         self.register_buffer("scale", torch.ones(1))
         self.absmax = math.inf  # the largest |x| calibration saw (bounds clip_search's clips)
-        self._reset_stats()
+        self.reset_stats()
 
     @property
     def qmin(self):
@@ -143,7 +143,8 @@ class ActQuantizer(_LearnableScale, nn.Module):
     def qmax(self):
         return signed_range(self.bits)[1] if self.signed else unsigned_range(self.bits)[1]
 
-    def _reset_stats(self):
+    def reset_stats(self):
+        """Forget the observed range and samples: a new calibration starts."""
         self.min_val = math.inf
         self.max_val = -math.inf
         self._samples = []
@@ -151,7 +152,7 @@ class ActQuantizer(_LearnableScale, nn.Module):
         self._generator = None
 
     def start_observing(self, sample_per_batch=0, seed=0):
-        self._reset_stats()
+        self.reset_stats()
         self._sample_per_batch = sample_per_batch
         if sample_per_batch:
             self._generator = torch.Generator().manual_seed(seed)
@@ -199,7 +200,7 @@ class ActQuantizer(_LearnableScale, nn.Module):
                     return fake_quantize(x, scale, qmin, qmax, axis=0)
 
                 clip = float(_mse_clip(sample[None], torch.tensor([absmax]), quant)[0])
-        self._reset_stats()
+        self.reset_stats()
         self.set_qparams(clip=clip, signed=signed)
 
     def forward(self, x, impl="auto"):
