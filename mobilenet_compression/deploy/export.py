@@ -368,8 +368,3 @@ def load_quantized(path):
         raise UserError(f"{path} does not hold the network its metadata names "
                         f"({what.strip().rstrip('.')}); export it again.") from None
     return qmodel.eval()
-
-
-# ---------------------------------------------------------------------------- metrics
-
-

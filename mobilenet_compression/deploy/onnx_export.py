@@ -53,7 +53,6 @@ ONNX model agrees with the PyTorch one on nearly every image, not bit for bit
 (`onnx_agreement`).
 """
 
-
 import numpy as np
 import torch
 from torch import nn

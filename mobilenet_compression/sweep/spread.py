@@ -104,7 +104,8 @@ def shared_settings(df):
     items = []
     for col in SAME:
         if col in df.columns and df[col].notna().any():
-            values = df.dropna(subset=[col]).groupby(df[col].astype(str))["activation_bits"]
+            known = df.dropna(subset=[col])
+            values = known.groupby(known[col].astype(str))["activation_bits"]
             if len(values) == 1:
                 items.append(f"{col} {df[col].dropna().iloc[0]}")
             else:  # by activation width (e.g. calibration auto)
