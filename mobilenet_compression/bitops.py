@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from . import sources
 from .errors import ArgumentParser, UserError, cli
 from .model import build_model
 from .quant.precision import FP32, check_bits, quantized_layer_names, uniform_plan, weight_layers
@@ -280,8 +280,11 @@ def get_args_parser(add_help=True):
         add_help=add_help,
     )
     p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint from train.py; the model and input size come from its "
-                        "metadata (default: none, describe the model with the flags below)")
+                   help="a checkpoint from train.py (the model and input size come from its "
+                        "metadata), a MobileNetV2 state dict file or torchvision:IMAGENET1K_V1 "
+                        "(width and classes from its tensors; --arch imagenet and --input_size "
+                        "224 unless given) (default: none, describe the model with the flags "
+                        "below)")
     p.add_argument("--arch", default=None, choices=["cifar", "imagenet"],
                    help="MobileNetV2 variant: 'cifar' (stem stride 1) or torchvision's "
                         "'imagenet' (default: cifar)")
@@ -323,13 +326,13 @@ def _check_output(path, flag):
 
 def resolve_model(args):
     """(model, input_size, description) from --checkpoint or from the architecture flags."""
-    model_flags = ("arch", "input_size", "width_multiplier", "num_classes", "in_channels")
     if args.checkpoint is not None:
-        given = [f"--{k}" for k in model_flags if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("width_multiplier", "in_channels")
+                 if getattr(args, k) is not None]
         if given:
             raise UserError(f"--checkpoint describes the model itself; drop {', '.join(given)}.")
-        ckpt = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(ckpt, args.checkpoint)
+        ckpt, model = sources.load_model(args.checkpoint, sources.SourceOptions(
+            arch=args.arch, num_classes=args.num_classes, input_size=args.input_size))
         arch, size, width = ckpt["arch"], ckpt["input_size"], ckpt["width_multiplier"]
         classes, channels = ckpt["num_classes"], ckpt["in_channels"]
         source = f"{args.checkpoint}: "

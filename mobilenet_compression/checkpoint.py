@@ -83,12 +83,3 @@ def file_digest(path):
             h.update(block)
     return h.hexdigest()
 
-
-def load_model(path):
-    """(checkpoint dict, FP32 model in eval mode and channels_last): every way the
-    checkpoint can be wrong is a UserError. The memory format is fixed here, once: the
-    convolutions round differently in the two formats, so a model converted later (by the
-    first evaluation) would calibrate differently depending on what ran before."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path).to(memory_format=torch.channels_last)
-    return ckpt, model

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import UserError
+from .sources import ARCHS, DATASETS, options_from, parse_floats
 from .quant.calibrate import default_calibration
 from .quant.fake_quant import (
     CALIBRATION_METHODS,
@@ -136,6 +137,15 @@ class RunConfig:
     sensitivity_images: int = 256
     max_eval_samples: int | None = None
     data_dir: str | None = None
+    # a state dict source's flags (sources.SourceOptions); None: its defaults
+    dataset: str | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    resize_size: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    workers: int | None = None  # image folders: decoding processes (None: one per core)
     results_dir: str | None = None
     seed: int = 42
     device: str | None = None
@@ -174,8 +184,16 @@ class RunConfig:
                 continue
             v[name] = _positive_int(v[name], f"--{name}")
         v["qat_checks"] = _positive_int(v["qat_checks"], "--qat_checks", minimum=0)
-        for name in ("max_eval_samples", "threads"):
+        for name in ("max_eval_samples", "threads", "num_classes", "input_size", "resize_size"):
             v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
+        v["workers"] = _positive_int(v["workers"], "--workers", allow_none=True, minimum=0)
+        for name in ("mean", "std"):
+            v[name] = parse_floats(v[name], f"--{name}")
+        for name, choices in (("dataset", DATASETS), ("arch", ARCHS)):
+            if v[name] not in (None, ""):
+                v[name] = check_choice(v[name], choices, f"--{name}")
+            else:
+                v[name] = None
         if str(v["bias_correction"]).strip().lower() == "auto":
             v["bias_correction"] = "auto"
         else:
@@ -221,6 +239,10 @@ class RunConfig:
             raise UserError("--method qat has nothing to train when both --weight_bits and "
                             "--activation_bits are FP32; give one of them 2..8 bits.")
         return cls(**v)
+
+    def source_options(self):
+        """What the model source needs beside --checkpoint (sources.SourceOptions)."""
+        return options_from(dataclasses.asdict(self))
 
     def run_parameters(self):
         """The parameters logged with a run (W&B config and runs.csv columns)."""

@@ -83,10 +83,19 @@ class Split:
     def to(self, device):
         return Split(self.images.to(device), self.labels.to(device), self.name)
 
+    @property
+    def device(self):
+        return self.images.device
+
     def head(self, n):
         if n is None or n >= len(self):
             return self
         return Split(self.images[:n], self.labels[:n], self.name)
+
+    def loader(self, info, batch_size, **options):
+        """Batches of normalised images (BatchLoader's options); image_folder.FolderSplit has
+        the same method."""
+        return BatchLoader(self, info, batch_size, **options)
 
 
 def _stage_fashion_mnist(data_dir):

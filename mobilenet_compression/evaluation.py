@@ -15,14 +15,13 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .data import BatchLoader
 
 EVAL_BATCH_SIZE = 256
 
 
 def eval_loader(split, info, batch_size=EVAL_BATCH_SIZE, channels_last=True):
     """The loader evaluation should use: no augmentation, large batches, channels_last."""
-    return BatchLoader(split, info, batch_size, augment=False, channels_last=channels_last)
+    return split.loader(info, batch_size, augment=False, channels_last=channels_last)
 
 
 def prepare_for_eval(model, loader):
@@ -88,7 +87,7 @@ def evaluate(model, loader, criterion=None, bf16=False, fold=False):
     model = _maybe_folded(model, fold)
     prepare_for_eval(model, loader)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=bf16 and loader.split.images.is_cuda)
+                              enabled=bf16 and loader.split.device.type == "cuda")
     correct = torch.zeros((), dtype=torch.int64)
     loss_sum, seen = 0.0, 0
     for x, y in loader:

@@ -30,9 +30,7 @@ import uuid
 from filelock import FileLock
 
 from . import bitops, fp32_stats, threads
-from .checkpoint import file_digest
 from .config import RunConfig
-from .data import BatchLoader, load_dataset
 from .deploy import onnx_export, onnx_runtime
 from .deploy.export import export_quantized, load_quantized
 from .deploy.size import MIB, compression_metrics
@@ -40,6 +38,7 @@ from .errors import UserError
 from .evaluation import EVAL_BATCH_SIZE, accuracy, agreement, eval_loader, evaluate, predict
 from .files import atomic_write
 from .processes import process_age_s
+from .sources import export_metadata, load_data, source_digest
 from .mixed.plan import keep_plan_or_uniform, plan_bits, run_plan
 from .quant.convert import convert
 from .quant.equalize import equalize_depthwise_inputs
@@ -114,7 +113,8 @@ def quantize_and_measure(config, run, loaded, progress):
     that writes the runs.csv row)."""
     d = load_step(config, run, loaded, progress)
     progress.start("plan")  # a budget no plan meets fails here, before anything is written
-    plan, planning = run_plan(config, d.ckpt, d.fp32, d.info, d.train)
+    plan, planning = run_plan(config, export_metadata(d.ckpt, d.checkpoint_sha256), d.fp32,
+                              d.info, d.train)
     progress.start("baseline")
     test_loader = eval_loader(d.test, d.info, EVAL_BATCH_SIZE)
     key = f"{d.checkpoint_sha256[:16]}:{len(d.test)}:{d.device.type}"
@@ -166,6 +166,7 @@ def load_step(config, run, loaded, progress):
     device = resolve_device(config.device)
     progress.start("load")
     info, train, val, test = load_run_data(config, ckpt, device)
+    digest = source_digest(ckpt, config.data_dir)
     fp32.to(device)
     return RunData(
         config=config, run=run, progress=progress, ckpt=ckpt, fp32=fp32, device=device,
@@ -173,16 +174,14 @@ def load_step(config, run, loaded, progress):
         results_dir=config.results_dir or results.default_results_dir(),
         sweep_id=os.environ.get("WANDB_SWEEP_ID") or None,
         run_id=run.id if run is not None and run.id else uuid.uuid4().hex[:8],
-        checkpoint_sha256=file_digest(config.checkpoint), threads=n_threads)
+        checkpoint_sha256=digest, threads=n_threads)
 
 
 def load_run_data(config, ckpt, device):
     """(info, train split for calibration and QAT, validation split, test split), on `device`.
     The splits are train.py's own: the validation images were held out of training, and only
     `--bias_correction auto` reads them, to choose."""
-    data_dir = config.data_dir or ckpt.get("args", {}).get("data_dir") or "./data"
-    info, train, val, test = load_dataset(ckpt["dataset"], data_dir,
-                                          ckpt.get("args", {}).get("val_size"))
+    info, train, val, test = load_data(ckpt, config.data_dir, config.workers)
     # A quick run (--max_eval_samples N) also chooses on at most N validation images.
     val_images = min(AUTO_BC_IMAGES, config.max_eval_samples or AUTO_BC_IMAGES)
     return (info, train.to(device), val.head(val_images).to(device),
@@ -219,7 +218,7 @@ def quantize_step(d, plan, planning):
     config, progress = d.config, d.progress
     progress.start("calibrate")
     calib = d.train.head(config.calib_batches * config.calib_batch_size)
-    calib_loader = BatchLoader(calib, d.info, config.calib_batch_size, channels_last=True)
+    calib_loader = calib.loader(d.info, config.calib_batch_size, channels_last=True)
     # The FP32 network the quantized one is made from: with --equalize, the same function
     # with each depthwise conv's input channels on one range (quant/equalize.py). The
     # baseline, and QAT's teacher, stay the checkpoint's own network.
@@ -283,9 +282,9 @@ def export_step(d, qmodel, planning):
     config, info = d.config, d.info
     model_path = os.path.join(d.out_dir, "models", f"{d.run_id}-{run_label(config)}-"
                                                    f"{config.method}.safetensors")
-    roundtrip = export_and_check(qmodel, d.ckpt, model_path, d.test, info, d.device,
-                                 {"method": config.method,
-                                  "checkpoint_sha256": d.checkpoint_sha256})
+    roundtrip = export_and_check(qmodel, model_path, d.test, info, d.device,
+                                 {**export_metadata(d.ckpt, d.checkpoint_sha256),
+                                  "method": config.method})
     rows, totals = bitops.bitops_report(d.fp32, info.input_size, precision_plan(qmodel))
     size = compression_metrics(qmodel, d.ckpt["model"], model_path, info.input_size,
                                info.in_channels)
@@ -296,15 +295,12 @@ def export_step(d, qmodel, planning):
     return model_path, roundtrip, rows, totals, size
 
 
-def export_and_check(qmodel, ckpt, model_path, test, info, device, run_metadata):
-    """Write the real file (with the checkpoint's metadata and `run_metadata`), load it back
-    and return the largest logit difference on 256 test images (0.0 when the file holds
-    exactly the model)."""
+def export_and_check(qmodel, model_path, test, info, device, metadata):
+    """Write the real file (with `metadata`), load it back and return the largest logit
+    difference on 256 test images (0.0 when the file holds exactly the model)."""
     os.makedirs(os.path.dirname(model_path), exist_ok=True)
-    export_quantized(qmodel, model_path, {**{k: ckpt[k] for k in (
-        "arch", "dataset", "num_classes", "in_channels", "input_size", "width_multiplier")},
-        **run_metadata})
-    probe = BatchLoader(test.head(256), info, 256, channels_last=True)
+    export_quantized(qmodel, model_path, metadata)
+    probe = test.head(256).loader(info, 256, channels_last=True)
     reloaded = load_quantized(model_path).to(device)
     return float((predict(qmodel, probe)[0] - predict(reloaded, probe)[0]).abs().max())
 

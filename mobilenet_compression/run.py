@@ -21,7 +21,7 @@ import sys
 import uuid
 
 from . import threads
-from .checkpoint import load_model
+from . import sources
 from .config import (
     CALIBRATIONS,
     ENGINES,
@@ -56,13 +56,18 @@ def get_args_parser():
     _engine_flags(p.add_argument_group("engine"), d)
     _mixed_flags(p.add_argument_group("mixed precision (--plan)"), d)
     _io_flags(p.add_argument_group("data, results and tracking"), d)
+    sources.add_arguments(p.add_argument_group(
+        "a state dict's or torchvision:NAME's data (a checkpoint of train.py knows its own)"))
     return p
 
 
 def _model_flags(g, d):
     """The model and bits flags; defaults from RunConfig `d`."""
     g.add_argument("--checkpoint", default=d.checkpoint,
-                   help="FP32 checkpoint written by train.py (default: %(default)s)")
+                   help="the FP32 model: a checkpoint written by train.py, a torchvision "
+                        "MobileNetV2 state dict file (with --dataset), or "
+                        "torchvision:IMAGENET1K_V1 / torchvision:IMAGENET1K_V2 (default: "
+                        "%(default)s)")
     g.add_argument("--weight_bits", type=int, default=d.weight_bits,
                    help="weight bits, 2..8 (16/32: FP32) (default: %(default)s)")
     g.add_argument("--activation_bits", type=int, default=d.activation_bits,
@@ -196,7 +201,7 @@ def run_quantization(argv=None):
     config = loaded = None
     if not in_sweep:  # outside a sweep, bad flags fail before anything is written
         config = RunConfig.from_dict(flags)
-        loaded = load_model(config.checkpoint)
+        loaded = sources.load_model(config.checkpoint, config.source_options())
     mode = resolve_mode(flags["wandb_mode"])
     run = None
     with StopFlag(defer=False):
@@ -209,7 +214,7 @@ def run_quantization(argv=None):
                 run.config.update(dataclasses.asdict(config), allow_val_change=True)
             elif config is None:  # a sweep's run with W&B disabled: the flags are all
                 config = RunConfig.from_dict(flags)
-            loaded = loaded or load_model(config.checkpoint)
+            loaded = loaded or sources.load_model(config.checkpoint, config.source_options())
             metrics, record = quantize_and_measure(config, run, loaded, progress)
         except Stopped as stop:
             record_stopped(config, run, progress, stop.signum)

@@ -135,7 +135,7 @@ def train_one_epoch(model, loader, optimizer, criterion, stop, totals, desc, ste
     carries an interrupted epoch's partial sums; `step_scheduler`, when given, is stepped
     after every optimizer step. Returns "done", "stopped" or "nan"."""
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=loader.split.images.is_cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=loader.split.device.type == "cuda")
     bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     for x, y in bar:
         with autocast:

@@ -17,7 +17,8 @@ import pytest
 
 from mobilenet_compression.mixed import sensitivity as sens
 from mobilenet_compression.bitops import adaptive_plan, bitops_report, block_of
-from mobilenet_compression.checkpoint import file_digest, load_model
+from mobilenet_compression.checkpoint import file_digest
+from mobilenet_compression.sources import export_metadata, load_model
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.evaluation import eval_loader, evaluate
 from mobilenet_compression.mixed.explorer import predict_drop, summed_kl
@@ -61,8 +62,8 @@ def real_run(fp32, ckpt, checkpoint, plan, label, fashion_mnist, out_dir, baseli
     convert(qmodel)
     quant_acc = evaluate(qmodel, eval_loader(test.head(EVAL_IMAGES), info))
     path = out_dir / "models" / f"{label}.safetensors"
-    assert export_and_check(qmodel, ckpt, str(path), test, info, "cpu", {
-        "method": "ptq", "checkpoint_sha256": file_digest(checkpoint)}) == 0.0
+    assert export_and_check(qmodel, str(path), test, info, "cpu", {
+        **export_metadata(ckpt, file_digest(checkpoint)), "method": "ptq"}) == 0.0
     full = plan if isinstance(plan, dict) else uniform_plan(fp32, *plan)
     rows, totals = bitops_report(fp32, SIZE, full)
     wb, ab = (plan if not isinstance(plan, dict)

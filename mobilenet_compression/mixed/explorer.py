@@ -179,28 +179,27 @@ def fit_points(runs, layers):
 
 
 def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size=128,
-                  bias_correction=True, verbose=True):
+                  bias_correction=True, verbose=True, options=None, workers=None):
     """Everything the page needs, as a JSON-ready dict (the page computes the rest)."""
-    from ..checkpoint import load_model
-    from ..data import load_dataset
+    from ..sources import export_metadata, load_data, load_model, source_digest
     from ..deploy.size import orig_mb
     from .sensitivity import BITS, sensitivity
 
-    ckpt, fp32 = load_model(checkpoint)
+    ckpt, fp32 = load_model(checkpoint, options)
     runs = read_runs(runs_dirs)  # bad --runs fail here, before minutes of measuring
     if runs_dirs and not runs:
         raise UserError(f"no finished run in {', '.join(map(str, runs_dirs))}; pass the "
                         f"folders of sweeps whose runs finished.")
-    data_dir = data_dir or ckpt.get("args", {}).get("data_dir") or "./data"
-    info, train, _, _ = load_dataset(ckpt["dataset"], data_dir,
-                                     ckpt.get("args", {}).get("val_size"))
-    table, _ = sensitivity(checkpoint, data_dir, batches, batch_size, verbose=verbose)
+    info, train, _, _ = load_data(ckpt, data_dir, workers)
+    table, _ = sensitivity(checkpoint, data_dir, batches, batch_size, verbose=verbose,
+                           options=options, workers=workers)
     layers, fp32_bitops = layer_table(fp32, info.input_size, table)
 
     w8 = {l["name"]: (8, 8) for l in layers}
     from .planner import reference_size
 
-    reference = reference_size(ckpt, fp32, checkpoint, train, info, bias_correction)
+    reference = reference_size(export_metadata(ckpt, source_digest(ckpt, data_dir)), fp32,
+                               train, info, bias_correction)
     fixed = reference - plan_bytes(layers, 0, w8)
     checked = [r for r in runs if r["uniform"] and r["compressed_mb"] is not None
                and r["weight_bits"] in BITS and r["bias_correction"] in (None, bias_correction)
@@ -306,9 +305,13 @@ def get_args_parser():
         description="Write one self-contained HTML page to try per-block weight/activation "
                     "bits of a checkpoint and see its BitOps, compressed size and predicted "
                     "accuracy drop at once.")
-    p.add_argument("--checkpoint", required=True, help="FP32 checkpoint written by train.py")
+    p.add_argument("--checkpoint", required=True,
+                   help="FP32 model: a checkpoint of train.py, a MobileNetV2 state dict file, "
+                        "or torchvision:IMAGENET1K_V1 / torchvision:IMAGENET1K_V2")
     p.add_argument("--data_dir", default=None,
                    help="dataset folder (default: the one the checkpoint was trained from)")
+    from ..sources import add_arguments
+    add_arguments(p.add_argument_group("a state dict's or torchvision:NAME's data"))
     p.add_argument("--runs", nargs="+", default=[], metavar="DIR",
                    help="sweep folders (each holding a runs.csv) of this checkpoint: drawn on "
                         "the chart, and their uniform PTQ runs calibrate the predicted drop "
@@ -354,8 +357,10 @@ def main(argv=None):
         raise UserError("--batches and --batch_size must be positive integers.")
     bias_correction = parse_bool(args.bias_correction, "--bias_correction")
     threads.set_threads(args.threads)
+    from ..sources import options_from
     data = explorer_data(args.checkpoint, args.data_dir, args.runs, args.batches,
-                         args.batch_size, bias_correction)
+                         args.batch_size, bias_correction, options=options_from(vars(args)),
+                         workers=args.workers)
     page = render(data).encode()
     try:
         atomic_write(str(out), lambda f: f.write(page))

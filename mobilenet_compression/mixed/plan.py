@@ -8,11 +8,10 @@ from ..quant.prepare import precision_plan
 from ..quant.recipe import post_training_quantize
 from . import planner, sensitivity
 
-
-
-def run_plan(config, ckpt, fp32, info, train):
+def run_plan(config, metadata, fp32, info, train):
     """(the precision plan quantize_model takes, {"budget": BitOps or None, "size": (fixed
-    bytes, byte budget) or None, "table": the sensitivity table or None})."""
+    bytes, byte budget) or None, "table": the sensitivity table or None}); `metadata` is what
+    the run's exported file will record (sources.export_metadata), part of its size."""
     none = {"budget": None, "size": None, "table": None}
     if config.plan == "uniform":
         return (config.weight_bits, config.activation_bits), none
@@ -22,8 +21,8 @@ def run_plan(config, ckpt, fp32, info, train):
     if config.bitops_budget:
         budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size)
     else:
-        fixed = planner.size_model(config.checkpoint, ckpt, fp32, train, info,
-                                   config.bias_correction, config.equalize)
+        fixed = planner.size_model(metadata, fp32, train, info, config.bias_correction,
+                                   config.equalize)
         size = (fixed, planner.parse_size_budget(config.size_budget_mb, fixed, fp32))
     n = config.sensitivity_images  # 256 (the default) is the CLI's 2 x 128: the same cache
     batches, batch_size = (n // 128, 128) if n % 128 == 0 else (1, n)
@@ -33,7 +32,8 @@ def run_plan(config, ckpt, fp32, info, train):
     table, _ = sensitivity.sensitivity(
         config.checkpoint, config.data_dir, batches, batch_size,
         calibration="auto" if config.calibration in ("auto", "loss") else config.calibration,
-        rounding=config.weight_rounding, equalize=config.equalize)
+        rounding=config.weight_rounding, equalize=config.equalize,
+        options=config.source_options(), workers=config.workers)
     plan = planner.sensitivity_plan(fp32, info.input_size, table, budget, size=size)
     return plan, {"budget": budget, "size": size, "table": table}
 

@@ -56,12 +56,11 @@ def parse_budget(text, model, input_size):
     return budget
 
 
-def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction, equalize=False):
-    """Bytes of the file export.py writes for this checkpoint at W8A8, prepared as run.py
-    prepares a run ([equalize,] calibrate, bias correction, convert), on 32 training images
-    since only the tensors' sizes matter, in a temporary folder that is removed afterwards."""
-    from ..checkpoint import file_digest
-    from ..data import BatchLoader
+def reference_size(metadata, fp32, train, info, bias_correction, equalize=False):
+    """Bytes of the file export.py writes for this checkpoint at W8A8 (with the file metadata
+    of its runs, sources.export_metadata), prepared as run.py prepares a run ([equalize,]
+    calibrate, bias correction, convert), on 32 training images since only the tensors' sizes
+    matter, in a temporary folder that is removed afterwards."""
     from ..deploy.export import export_quantized
     from ..quant.bias_correction import bias_correct
     from ..quant.calibrate import calibrate
@@ -69,7 +68,7 @@ def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction, equaliz
     from ..quant.equalize import equalize_depthwise_inputs
     from ..quant.prepare import quantize_model
 
-    loader = BatchLoader(train.head(32), info, 32, channels_last=True)
+    loader = train.head(32).loader(info, 32, channels_last=True)
     if equalize:  # its clamps' table is part of the file
         fp32, _ = equalize_depthwise_inputs(fp32, loader, 1)
     qmodel = quantize_model(fp32, (8, 8))
@@ -79,21 +78,17 @@ def reference_size(ckpt, fp32, checkpoint, train, info, bias_correction, equaliz
     convert(qmodel)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "w8a8.safetensors")
-        return export_quantized(qmodel, path, {
-            **{k: ckpt[k] for k in ("arch", "dataset", "num_classes", "in_channels",
-                                    "input_size", "width_multiplier")},
-            "method": "ptq", "checkpoint_sha256": file_digest(checkpoint)})
+        return export_quantized(qmodel, path, {**metadata, "method": "ptq"})
 
 
-def size_model(checkpoint, ckpt, fp32, train, info, bias_correction, equalize=False):
+def size_model(metadata, fp32, train, info, bias_correction, equalize=False):
     """Fixed bytes of this checkpoint's exported file: a real W8A8 export (prepared as a run
     prepares one) minus its packed weights; a plan adds ceil(parameters x bits / 8) per layer."""
     from ..quant.precision import weight_layers
 
     names = set(quantized_layer_names(fp32))
     packed = sum(m.weight.numel() for n, m in weight_layers(fp32) if n in names)  # 8 bits
-    return reference_size(ckpt, fp32, checkpoint, train, info, bias_correction,
-                          equalize) - packed
+    return reference_size(metadata, fp32, train, info, bias_correction, equalize) - packed
 
 
 def parse_size_budget(value, fixed, model):

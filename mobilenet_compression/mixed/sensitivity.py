@@ -190,18 +190,18 @@ def cache_key(checkpoint_sha256, batches, batch_size, bits, calibration, roundin
 
 def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
                 calibration="auto", cache_dir=None, verbose=True, rounding="gptq",
-                equalize=True):
+                equalize=True, options=None, workers=None):
     """The sensitivity table of a checkpoint, from the cache when it holds it; `rounding`
     is the weight rounding of the runs it prices ("gptq", the post-training default, or
     "nearest"); with `equalize`, of the network quant/equalize.py makes from it on the table's own
     images, as runs with --equalize true quantize it. Returns (table, cached: bool)."""
     from filelock import FileLock
 
-    from ..checkpoint import file_digest, load_model
-    from ..data import BatchLoader, load_dataset
+    from ..sources import load_data, load_model, source_digest
 
-    ckpt, fp32 = load_model(checkpoint)  # every way the checkpoint is wrong: a UserError
-    digest = file_digest(checkpoint)
+    # every way the checkpoint is wrong is a UserError
+    ckpt, fp32 = load_model(checkpoint, options)
+    digest = source_digest(ckpt, data_dir)
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, f"{cache_key(digest, batches, batch_size, bits, calibration, rounding, equalize)}"
                                    ".json")
@@ -220,10 +220,8 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
                     return table, True
             except ValueError:  # a cache, not a result: measure again
                 pass
-        info, train, _, _ = load_dataset(ckpt["dataset"], data_dir or ckpt.get(
-            "args", {}).get("data_dir") or "./data", ckpt.get("args", {}).get("val_size"))
-        loader = BatchLoader(train.head(batches * batch_size), info, batch_size,
-                             channels_last=True)
+        info, train, _, _ = load_data(ckpt, data_dir, workers)
+        loader = train.head(batches * batch_size).loader(info, batch_size, channels_last=True)
         steps = [0]
         count = 2 * len(bits) * sum(1 for _ in _quantized_names(fp32))
         t0 = time.perf_counter()
@@ -305,9 +303,13 @@ def main(argv=None):
     p = ArgumentParser(prog="python -m mobilenet_compression.mixed.sensitivity",
                        description="Per-layer sensitivity of a checkpoint to weight and "
                                    "activation bits (each layer alone), on training images.")
-    p.add_argument("--checkpoint", required=True, help="FP32 checkpoint written by train.py")
+    p.add_argument("--checkpoint", required=True,
+                   help="FP32 model: a checkpoint of train.py, a MobileNetV2 state dict file, "
+                        "or torchvision:IMAGENET1K_V1 / torchvision:IMAGENET1K_V2")
     p.add_argument("--data_dir", default=None,
                    help="dataset folder (default: the one the checkpoint was trained from)")
+    from ..sources import add_arguments, options_from
+    add_arguments(p.add_argument_group("a state dict's or torchvision:NAME's data"))
     p.add_argument("--batches", type=int, default=2, help="training batches (default: 2)")
     p.add_argument("--batch_size", type=int, default=128, help="images per batch (default: "
                    "128)")
@@ -339,7 +341,8 @@ def main(argv=None):
     threads.set_threads(args.threads)
     table, cached = sensitivity(args.checkpoint, args.data_dir, args.batches, args.batch_size,
                                 calibration=args.calibration, cache_dir=args.cache_dir,
-                                rounding=args.weight_rounding, equalize=equalize)
+                                rounding=args.weight_rounding, equalize=equalize,
+                                options=options_from(vars(args)), workers=args.workers)
     print(format_table(table))
     print(f"{len(table['layers'])} layers x {len(BITS)} bit widths x weights/activations on "
           f"{table['images']} training images, {args.weight_rounding} weight rounding, "

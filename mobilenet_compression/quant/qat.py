@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data import BatchLoader
 from .prepare import quant_layers
 
 LOG_EVERY = 20  # steps between training-curve points in W&B
@@ -184,9 +183,9 @@ def train_qat(qmodel, train_split, info, config, weight_decay=4e-5, teacher=None
     """
     if train_split.name != "train":
         raise ValueError(f"QAT must train on the train split, got {train_split.name!r}")
-    loader = BatchLoader(train_split, info, config.qat_batch_size, augment=True,
-                         seed=config.seed, drop_last=len(train_split) > config.qat_batch_size,
-                         channels_last=True)
+    loader = train_split.loader(info, config.qat_batch_size, augment=True, seed=config.seed,
+                                drop_last=len(train_split) > config.qat_batch_size,
+                                channels_last=True)
     steps = max(1, math.ceil(config.qat_epochs * len(loader)))
     freeze_at = int(config.qat_freeze_bn * steps)
     quantizers = list(_quantizers(qmodel))
