@@ -70,20 +70,24 @@ def _positive_float(value, flag):
 
 # A --bitops_budget that names a uniform plan ("w4a4"): its BitOps are the budget.
 UNIFORM_BUDGET = re.compile(r"[wW]([2-8])[aA]([2-8])")
+# A --bitops_budget of "adaptive": the BitOps of the adaptive plan at --activation_bits, so
+# that a sweep puts --plan adaptive and a sensitivity plan of the same cost side by side
+# (--plan adaptive accepts this budget, its own, and no other).
+ADAPTIVE_BUDGET = "adaptive"
 
 
 def budget_text(value):
     """A --bitops_budget as given ("1.2" GBitOps or "0.5x"), checked for form and sign here;
     its range needs the model (planner.parse_budget)."""
     text = str(value).strip()
-    if UNIFORM_BUDGET.fullmatch(text):
+    if UNIFORM_BUDGET.fullmatch(text) or text.lower() == ADAPTIVE_BUDGET:
         return text.lower()
     try:
         number = float(text[:-1] if text.lower().endswith("x") else text)
     except ValueError:
         raise UserError(f"--bitops_budget must be a number of GBitOps, a fraction of the "
-                        f"W8A8 BitOps such as 0.5x, or a uniform plan's such as w4a4, got "
-                        f"{value!r}.") from None
+                        f"W8A8 BitOps such as 0.5x, a uniform plan's such as w4a4, or "
+                        f"adaptive, got {value!r}.") from None
     if not (number > 0 and math.isfinite(number)):
         raise UserError(f"--bitops_budget must be positive, got {value!r}.")
     return text
@@ -213,8 +217,10 @@ class RunConfig:
             if len(given) == 2:
                 raise UserError("give one budget, --bitops_budget or --size_budget_mb, not "
                                 "both.")
-        elif given:
-            raise UserError(f"--{given[0]} applies to --plan sensitivity only.")
+        elif given and not (v["plan"] == "adaptive" and given == ["bitops_budget"]
+                            and str(v["bitops_budget"]).strip().lower() == ADAPTIVE_BUDGET):
+            raise UserError(f"--{given[0]} applies to --plan sensitivity only (and "
+                            f"--bitops_budget adaptive to --plan adaptive).")
         v["bitops_budget"] = (budget_text(v["bitops_budget"])
                               if "bitops_budget" in given else None)
         v["size_budget_mb"] = (_positive_float(v["size_budget_mb"], "--size_budget_mb")

@@ -122,7 +122,8 @@ class FolderSplit:
 class FolderLoader:
     """data.BatchLoader's interface over a FolderSplit: batches of normalised float images
     on the split's device, the order (and QAT's augmentation) of epoch e drawn from a
-    generator seeded with (seed, e). `images_per_s` is what the last full pass delivered."""
+    generator seeded with (seed, e). `wait_s`: the seconds the consumer has waited for decoded
+    batches (about 0 when the workers keep up)."""
 
     def __init__(self, split, info, batch_size, augment=False, seed=0, drop_last=False,
                  channels_last=False, shuffle=None):
@@ -134,7 +135,7 @@ class FolderLoader:
         self.files = _Files(split.samples, split.preprocess.transform(augment),
                             split.preprocess.channels)
         self.epoch = self.start_step = 0
-        self.images_per_s = None
+        self.wait_s = 0.0
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
@@ -151,18 +152,20 @@ class FolderLoader:
         batches = DataLoader(self.files, self.batch_size, sampler=order.tolist(),
                              num_workers=self.split.workers, collate_fn=_collate, generator=g,
                              pin_memory=self.split.device.type == "cuda")
-        t0, seen = time.perf_counter(), 0
-        for x, y, bad in batches:
+        batches = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            x, y, bad = next(batches, (None, None, None))
+            self.wait_s += time.perf_counter() - t0
             if bad:
                 raise UserError(f"cannot read the image {bad[0]}; remove or replace it.")
-            seen += len(y)
+            if y is None:
+                break
             x = x.to(self.split.device, non_blocking=True)
             x = (x.float() - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.split.device)
-        if self.start_step == 0 and seen:
-            self.images_per_s = seen / (time.perf_counter() - t0)
         self.start_step = 0
 
 

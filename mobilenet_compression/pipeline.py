@@ -38,7 +38,7 @@ from .errors import UserError
 from .evaluation import EVAL_BATCH_SIZE, accuracy, agreement, eval_loader, evaluate, predict
 from .files import atomic_write
 from .processes import process_age_s
-from .sources import export_metadata, load_data, source_digest
+from .sources import export_metadata, load_data, load_model, source_digest
 from .mixed.plan import keep_plan_or_uniform, plan_bits, run_plan
 from .quant.convert import convert
 from .quant.equalize import equalize_depthwise_inputs
@@ -124,7 +124,7 @@ def quantize_and_measure(config, run, loaded, progress):
     convert(qmodel)
     attach_output_grids(qmodel, calib_loader, config.calib_batches)
     progress.start("eval")
-    torch_logits, quant_acc, eval_s = evaluate_step(d, qmodel)
+    torch_logits, quant_acc, eval_s, data = evaluate_step(d, qmodel)
     progress.start("export")
     model_path, roundtrip, rows, totals, size = export_step(d, qmodel, planning)
     onnx = {}
@@ -151,6 +151,7 @@ def quantize_and_measure(config, run, loaded, progress):
         "eval_images": len(d.test),
         "eval_seconds": eval_s,
         "eval_images_per_s": len(d.test) / eval_s,
+        **data,
         "roundtrip_max_abs_diff": roundtrip,
         **progress.times,
         "run_seconds": progress.total(),
@@ -159,13 +160,20 @@ def quantize_and_measure(config, run, loaded, progress):
     return log_step(d, metrics, chosen, rows, layer_calibration, model_path)
 
 
+def load_inputs(config):
+    """The model and its images, as (ckpt, FP32 model, (info, train, val, test)): every way
+    the source or the data is wrong is a UserError here, before anything is written."""
+    ckpt, fp32 = load_model(config.checkpoint, config.source_options())
+    return ckpt, fp32, load_data(ckpt, config.data_dir, config.workers)
+
+
 def load_step(config, run, loaded, progress):
     """The run's threads, device, data splits and identity (sweep, run id, checkpoint hash)."""
     n_threads = threads.set_threads(config.threads)  # torch's, and ONNX Runtime's below
-    ckpt, fp32 = loaded
+    ckpt, fp32, data = loaded
     device = resolve_device(config.device)
     progress.start("load")
-    info, train, val, test = load_run_data(config, ckpt, device)
+    info, train, val, test = run_splits(config, data, device)
     digest = source_digest(ckpt, config.data_dir)
     fp32.to(device)
     return RunData(
@@ -177,11 +185,11 @@ def load_step(config, run, loaded, progress):
         checkpoint_sha256=digest, threads=n_threads)
 
 
-def load_run_data(config, ckpt, device):
+def run_splits(config, data, device):
     """(info, train split for calibration and QAT, validation split, test split), on `device`.
     The splits are train.py's own: the validation images were held out of training, and only
-    `--bias_correction auto` reads them, to choose."""
-    info, train, val, test = load_data(ckpt, config.data_dir, config.workers)
+    the validation choices (`--bias_correction auto`, QAT's checks) read them."""
+    info, train, val, test = data
     # A quick run (--max_eval_samples N) also chooses on at most N validation images.
     val_images = min(AUTO_BC_IMAGES, config.max_eval_samples or AUTO_BC_IMAGES)
     return (info, train.to(device), val.head(val_images).to(device),
@@ -263,17 +271,20 @@ def quantize_step(d, plan, planning):
 
 
 def evaluate_step(d, qmodel):
-    """(logits, quant_acc, seconds) of the converted model in PyTorch. The torch engine
-    measures quant_acc on every test image; with onnxruntime the engine does, and PyTorch
-    only checks it on the first AGREEMENT_IMAGES."""
+    """(logits, quant_acc, seconds, data pipeline metrics) of the converted model in PyTorch.
+    The torch engine measures quant_acc on every test image; with onnxruntime the engine
+    does, and PyTorch only checks it on the first AGREEMENT_IMAGES. Images streamed from a
+    folder add `data_wait_s`, the seconds the network waited for decoded images."""
     torch_test = d.test if d.config.engine == "torch" else d.test.head(AGREEMENT_IMAGES)
     print(f"evaluating on {len(d.test)} test images ({d.config.engine})", flush=True)
     t_eval = time.perf_counter()
-    torch_logits, labels = predict(qmodel, eval_loader(torch_test, d.info, EVAL_BATCH_SIZE))
+    loader = eval_loader(torch_test, d.info, EVAL_BATCH_SIZE)
+    torch_logits, labels = predict(qmodel, loader)
     eval_s = time.perf_counter() - t_eval
     quant_acc = accuracy(torch_logits, labels)
     d.progress.done["quant_acc"] = quant_acc
-    return torch_logits, quant_acc, eval_s
+    data = {"data_wait_s": loader.wait_s} if hasattr(loader, "wait_s") else {}
+    return torch_logits, quant_acc, eval_s, data
 
 
 def export_step(d, qmodel, planning):

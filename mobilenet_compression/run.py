@@ -32,7 +32,13 @@ from .config import (
     RunConfig,
 )
 from .errors import ArgumentParser, UserError, cli
-from .pipeline import AGREEMENT_IMAGES, AUTO_BC_IMAGES, Progress, quantize_and_measure
+from .pipeline import (
+    AGREEMENT_IMAGES,
+    AUTO_BC_IMAGES,
+    Progress,
+    load_inputs,
+    quantize_and_measure,
+)
 from .quant.rounding import ROUNDINGS
 from .signals import StopFlag, Stopped
 from .sweep import results
@@ -152,8 +158,9 @@ def _mixed_flags(g, d):
                         "from measured per-layer sensitivities) (default: %(default)s)")
     g.add_argument("--bitops_budget", default=None,
                    help="with --plan sensitivity: BitOps per image, in GBitOps (e.g. 0.9), "
-                        "as a fraction of the W8A8 model's (e.g. 0.5x), or as a uniform plan's "
-                        "(e.g. w4a4)")
+                        "as a fraction of the W8A8 model's (e.g. 0.5x), as a uniform plan's "
+                        "(e.g. w4a4), or as the adaptive plan's at --activation_bits (adaptive, "
+                        "which --plan adaptive also accepts, so that one sweep compares the two)")
     g.add_argument("--size_budget_mb", default=None,
                    help="with --plan sensitivity, instead of --bitops_budget: the exported "
                         "file's size in MB (MiB, as compressed_mb counts it)")
@@ -201,7 +208,7 @@ def run_quantization(argv=None):
     config = loaded = None
     if not in_sweep:  # outside a sweep, bad flags fail before anything is written
         config = RunConfig.from_dict(flags)
-        loaded = sources.load_model(config.checkpoint, config.source_options())
+        loaded = load_inputs(config)
     mode = resolve_mode(flags["wandb_mode"])
     run = None
     with StopFlag(defer=False):
@@ -214,7 +221,7 @@ def run_quantization(argv=None):
                 run.config.update(dataclasses.asdict(config), allow_val_change=True)
             elif config is None:  # a sweep's run with W&B disabled: the flags are all
                 config = RunConfig.from_dict(flags)
-            loaded = loaded or sources.load_model(config.checkpoint, config.source_options())
+            loaded = loaded or load_inputs(config)
             metrics, record = quantize_and_measure(config, run, loaded, progress)
         except Stopped as stop:
             record_stopped(config, run, progress, stop.signum)

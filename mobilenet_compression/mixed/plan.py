@@ -19,7 +19,8 @@ def run_plan(config, metadata, fp32, info, train):
         return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), none
     budget = size = None
     if config.bitops_budget:
-        budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size)
+        budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size,
+                                      config.activation_bits)
     else:
         fixed = planner.size_model(metadata, fp32, train, info, config.bias_correction,
                                    config.equalize)

@@ -23,8 +23,8 @@ import math
 import os
 import tempfile
 
-from ..bitops import bitops_report
-from ..config import UNIFORM_BUDGET, budget_text
+from ..bitops import adaptive_plan, bitops_report
+from ..config import ADAPTIVE_BUDGET, UNIFORM_BUDGET, budget_text
 from ..errors import UserError
 from ..quant.precision import QUANT_BITS, quantized_layer_names, uniform_plan
 
@@ -35,9 +35,13 @@ MIB = 2**20
 SIZE_MARGIN = 1024
 
 
-def parse_budget(text, model, input_size):
-    """BitOps per image from a --bitops_budget value; every bad value is one UserError."""
+def parse_budget(text, model, input_size, activation_bits=8):
+    """BitOps per image from a --bitops_budget value (`adaptive`: the adaptive plan's at
+    `activation_bits`); every bad value is one UserError."""
     raw = budget_text(text)  # its form and sign, as the run's config checks them
+    if raw == ADAPTIVE_BUDGET:
+        return bitops_report(model, input_size, adaptive_plan(model, input_size,
+                                                              activation_bits))[1]["bitops"]
     match = UNIFORM_BUDGET.fullmatch(raw)
     if match:  # the BitOps of the uniform plan WxAy: its mixed-precision rival
         w, a = int(match[1]), int(match[2])
