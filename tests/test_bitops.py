@@ -233,7 +233,8 @@ def test_cli_compare_csv_and_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bitops.main(["--checkpoint", str(path), "--arch", "cifar"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == "error: --checkpoint describes the model itself; drop --arch.\n"
+    assert capsys.readouterr().err == (f"error: {path} is a checkpoint of train.py, which knows "
+                                       f"its own dataset and model; drop --arch.\n")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as e:
