@@ -29,7 +29,8 @@ import uuid
 
 from filelock import FileLock
 
-from . import bitops, fp32_stats, threads
+from . import threads
+from .quant import fp32_stats
 from .config import RunConfig
 from .deploy import onnx_export, onnx_runtime
 from .deploy.export import export_quantized, load_quantized
@@ -40,6 +41,7 @@ from .files import atomic_write
 from .processes import process_age_s
 from .sources import export_metadata, load_data, load_model, source_digest
 from .mixed.plan import keep_plan_or_uniform, plan_bits, run_plan
+from .quant.bitops import bitops_report
 from .quant.convert import convert
 from .quant.equalize import equalize_depthwise_inputs
 from .quant.output_grids import attach_output_grids
@@ -48,7 +50,6 @@ from .quant.qat import train_qat
 from .quant.recipe import post_training_quantize
 from .sweep import results
 from .tracking import log_run
-from .train import resolve_device
 
 # With --engine onnxruntime, PyTorch's fake-quantized model is still run on this many test
 # images, to check the engine against it (onnx_agreement).
@@ -100,6 +101,7 @@ class RunData:
     sweep_id: str
     run_id: str
     checkpoint_sha256: str
+    metadata: dict  # what the exported files record of the model's source
     threads: int
 
     @property
@@ -113,12 +115,10 @@ def quantize_and_measure(config, run, loaded, progress):
     that writes the runs.csv row)."""
     d = load_step(config, run, loaded, progress)
     progress.start("plan")  # a budget no plan meets fails here, before anything is written
-    plan, planning = run_plan(config, export_metadata(d.ckpt, d.checkpoint_sha256), d.fp32,
-                              d.info, d.train)
+    plan, planning = run_plan(config, d.metadata, d.fp32, d.info, d.train)
     progress.start("baseline")
-    test_loader = eval_loader(d.test, d.info, EVAL_BATCH_SIZE)
     key = f"{d.checkpoint_sha256[:16]}:{len(d.test)}:{d.device.type}"
-    baseline_acc = baseline_accuracy(d.fp32, test_loader, d.out_dir, key)
+    baseline_acc = baseline_accuracy(d.fp32, d.test, d.info, d.out_dir, key)
     progress.done["baseline_acc"] = baseline_acc
     qmodel, chosen, layer_calibration, qat, calib_loader = quantize_step(d, plan, planning)
     convert(qmodel)
@@ -130,7 +130,7 @@ def quantize_and_measure(config, run, loaded, progress):
     onnx = {}
     if onnx_export.onnx_exportable(qmodel) and onnx_runtime.available():
         progress.start("onnx")
-        onnx = onnx_step(d, qmodel, model_path, test_loader, torch_logits)
+        onnx = onnx_step(d, qmodel, model_path, torch_logits)
         size["onnx_mb"] = onnx.pop("onnx_mb")
         if config.engine == "onnxruntime":
             quant_acc, eval_s = onnx["onnx_acc"], onnx["onnx_eval_s"]
@@ -171,7 +171,7 @@ def load_step(config, run, loaded, progress):
     """The run's threads, device, data splits and identity (sweep, run id, checkpoint hash)."""
     n_threads = threads.set_threads(config.threads)  # torch's, and ONNX Runtime's below
     ckpt, fp32, data = loaded
-    device = resolve_device(config.device)
+    device = threads.resolve_device(config.device)
     progress.start("load")
     info, train, val, test = run_splits(config, data, device)
     digest = source_digest(ckpt, config.data_dir)
@@ -182,7 +182,7 @@ def load_step(config, run, loaded, progress):
         results_dir=config.results_dir or results.default_results_dir(),
         sweep_id=os.environ.get("WANDB_SWEEP_ID") or None,
         run_id=run.id if run is not None and run.id else uuid.uuid4().hex[:8],
-        checkpoint_sha256=digest, threads=n_threads)
+        checkpoint_sha256=digest, metadata=export_metadata(ckpt, digest), threads=n_threads)
 
 
 def run_splits(config, data, device):
@@ -196,7 +196,7 @@ def run_splits(config, data, device):
             test.head(config.max_eval_samples).to(device))
 
 
-def baseline_accuracy(model, loader, cache_dir, key):
+def baseline_accuracy(model, test, info, cache_dir, key):
     """FP32 test accuracy of the checkpoint, measured once per (checkpoint, test set) and
     cached beside runs.csv: every run of a sweep compares against the same measured number
     instead of re-evaluating the FP32 model 25 times."""
@@ -211,7 +211,7 @@ def baseline_accuracy(model, loader, cache_dir, key):
                 except ValueError:  # a cache, not a result: measure again and rewrite it
                     print(f"{path} is not valid JSON; measuring the baseline again.")
             if key not in cache:
-                cache[key] = evaluate(model, loader, fold=True)
+                cache[key] = evaluate(model, eval_loader(test, info), fold=True)
                 atomic_write(path, lambda f: f.write(json.dumps(cache, indent=1).encode()))
     except OSError as e:
         raise UserError(f"cannot write to the results directory {cache_dir} ({e.strerror}); "
@@ -294,9 +294,8 @@ def export_step(d, qmodel, planning):
     model_path = os.path.join(d.out_dir, "models", f"{d.run_id}-{run_label(config)}-"
                                                    f"{config.method}.safetensors")
     roundtrip = export_and_check(qmodel, model_path, d.test, info, d.device,
-                                 {**export_metadata(d.ckpt, d.checkpoint_sha256),
-                                  "method": config.method})
-    rows, totals = bitops.bitops_report(d.fp32, info.input_size, precision_plan(qmodel))
+                                 {**d.metadata, "method": config.method})
+    rows, totals = bitops_report(d.fp32, info.input_size, precision_plan(qmodel))
     size = compression_metrics(qmodel, d.ckpt["model"], model_path, info.input_size,
                                info.in_channels)
     size_limit = planning["size"] and planning["size"][1]
@@ -316,13 +315,13 @@ def export_and_check(qmodel, model_path, test, info, device, metadata):
     return float((predict(qmodel, probe)[0] - predict(reloaded, probe)[0]).abs().max())
 
 
-def onnx_step(d, qmodel, model_path, test_loader, torch_logits):
+def onnx_step(d, qmodel, model_path, torch_logits):
     """The ONNX file beside the safetensors one, run in ONNX Runtime: its onnx_* metrics, its
     agreement with PyTorch's logits, and its size (onnx_mb)."""
     info = d.info
     onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
     onnx, onnx_logits = onnx_runtime.measure_onnx(
-        qmodel, d.fp32, onnx_path, test_loader,
+        qmodel, d.fp32, onnx_path, eval_loader(d.test, d.info),
         (info.in_channels, info.input_size, info.input_size), d.threads)
     onnx["onnx_agreement"] = agreement(torch_logits,
                                                    onnx_logits[:len(torch_logits)])

@@ -1,4 +1,5 @@
-"""How many CPU threads a process's torch uses, so that several runs on one machine share it.
+"""How many CPU threads a process's torch uses, so that several runs on one machine share it,
+and which device it runs on (`resolve_device`).
 
 torch starts one intra-op thread per core. K runs at a time (the offline agent's --agents K,
 or K `wandb agent` processes on one machine) that each take every core fight over them: on
@@ -61,3 +62,18 @@ def set_threads(n=None):
     if wanted is not None and wanted != torch.get_num_threads():
         torch.set_num_threads(wanted)
     return torch.get_num_threads()
+
+
+def resolve_device(name):
+    """The torch device of --device NAME (None: cuda if there is one, else cpu); one that
+    cannot be used is a UserError."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"cannot use --device {name}: {str(e).splitlines()[0]}") from None
+    return device

@@ -184,17 +184,6 @@ def cpu_state(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def resolve_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"cannot use --device {name}: {str(e).splitlines()[0]}") from None
-    return device
-
-
 def load_resume_state(args, last_path):
     """The interrupted run's last.pt with --resume (refused if a run-defining flag changed),
     else None."""
@@ -239,7 +228,7 @@ class Training:
         self.best_path = os.path.join(args.checkpoint_dir, "best.pt")
         self.log_path = os.path.join(args.checkpoint_dir, "training_log.txt")
         self.state = load_resume_state(args, self.last_path)
-        self.device = resolve_device(args.device)
+        self.device = threads.resolve_device(args.device)
         self.info, self.train_loader, self.val_loader, self.test_loader = make_loaders(
             args, self.device)
         torch.manual_seed(args.seed)

@@ -15,10 +15,11 @@ from torch import nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the bare `pytest` entry point does not put the repo on the path
 
-from mobilenet_compression import bitops
+from mobilenet_compression import bitops as bitops_cli
 from mobilenet_compression.checkpoint import FORMAT, atomic_save  # noqa: E402
 from mobilenet_compression.errors import UserError  # noqa: E402
 from mobilenet_compression.model import build_model  # noqa: E402
+from mobilenet_compression.quant import bitops
 
 CLI = [sys.executable, "-m", "mobilenet_compression.bitops"]
 
@@ -219,7 +220,7 @@ def test_cli_compare_csv_and_checkpoint(tmp_path, capsys):
     path = tmp_path / "best.pt"
     atomic_save(ckpt, path)
     png, csv = tmp_path / "cmp.png", tmp_path / "layers.csv"
-    totals = bitops.main(["--checkpoint", str(path), "--plan", "adaptive",
+    totals = bitops_cli.main(["--checkpoint", str(path), "--plan", "adaptive",
                           "--compare", str(png), "--csv", str(csv)])
     out = capsys.readouterr().out
     assert "input 1x28x28" in out and "28x28" in out
@@ -231,14 +232,14 @@ def test_cli_compare_csv_and_checkpoint(tmp_path, capsys):
 
     # The same flags with --arch are a contradiction, and a corrupt file is one error line.
     with pytest.raises(SystemExit) as e:
-        bitops.main(["--checkpoint", str(path), "--arch", "cifar"])
+        bitops_cli.main(["--checkpoint", str(path), "--arch", "cifar"])
     assert e.value.code == 2
     assert capsys.readouterr().err == (f"error: {path} is a checkpoint of train.py, which knows "
                                        f"its own dataset and model; drop --arch.\n")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as e:
-        bitops.main(["--checkpoint", str(bad)])
+        bitops_cli.main(["--checkpoint", str(bad)])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint") and "corrupt" in err and err.count("\n") == 1

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from mobilenet_compression.mixed import sensitivity as sens
-from mobilenet_compression.bitops import adaptive_plan, bitops_report, block_of
+from mobilenet_compression.quant.bitops import adaptive_plan, bitops_report, block_of
 from mobilenet_compression.checkpoint import file_digest
 from mobilenet_compression.sources import export_metadata, load_model
 from mobilenet_compression.data import BatchLoader

@@ -6,7 +6,7 @@ import torch
 from mobilenet_compression.mixed import planner
 from mobilenet_compression import pipeline
 from mobilenet_compression.mixed.plan import keep_plan_or_uniform
-from mobilenet_compression.bitops import bitops_report
+from mobilenet_compression.quant.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.quant import recipe

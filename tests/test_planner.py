@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mobilenet_compression.mixed import planner
-from mobilenet_compression.bitops import bitops_report
+from mobilenet_compression.quant.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.errors import UserError
 from mobilenet_compression.deploy.export import load_quantized

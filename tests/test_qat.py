@@ -16,7 +16,6 @@ import torch
 import yaml
 from torch import nn
 
-from mobilenet_compression import bitops
 from mobilenet_compression.checkpoint import FORMAT, atomic_save
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader
@@ -35,6 +34,7 @@ from mobilenet_compression.quant.prepare import (
     quantize_model,
 )
 from mobilenet_compression.quant.qat import train_qat
+from mobilenet_compression.quant import bitops
 from tests.conftest import SMALL_MODEL_RECIPE, torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,6 +17,7 @@ from mobilenet_compression.errors import UserError
 from mobilenet_compression.sweep import plots, report, results
 from mobilenet_compression.sweep import table as runs_table
 from tests.conftest import load
+from tests.markdown import table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 BITS = [8, 6, 4, 3, 2]
@@ -178,16 +179,16 @@ def test_report_cli_writes_table_plots_and_lists_failures(tmp_path):
     summary = (sweep_dir / "summary.md").read_text()
     assert "checkpoint `checkpoints/best.pt`" in summary and "dataset `cifar10`" in summary
     assert "sweep `swp00001`" in summary and "24 finished runs, 1 failed" in summary
-    header = "| W_bits | A_bits | Accuracy | Drop | Orig_MB | Comp_MB | Ratio | BitOps (G) |"
-    assert header in summary
-    lines = summary.splitlines()
-    start = lines.index(header) + 2
-    table = [line.strip("| ").split(" | ") for line in lines[start:start + 24]]
+    rows = table_rows(summary)
+    header = ["W_bits", "A_bits", "Accuracy", "Drop", "Orig_MB", "Comp_MB", "Ratio", "BitOps (G)"]
+    assert rows[0] == header
+    table = rows[1:25]
     order = [(int(r[0]), int(r[1])) for r in table]
     assert order == sorted(order, reverse=True)  # W then A, highest first
     assert table[0] == ["8", "8", "93.56", "0.15", "8.71", "2.350", "3.71", "6.88"]
     assert "## Runs that did not finish" in summary
-    assert "| `run00008` | 3 | 3 | minmax | checkpoints/best.pt | failed | 1 | no |" in summary
+    assert ["`run00008`", "3", "3", "minmax", "checkpoints/best.pt", "failed", "1",
+            "no"] in rows
 
     import matplotlib.image
 
@@ -218,7 +219,8 @@ def test_report_with_calibration_column_and_only_failures(tmp_path):
     table.loc[table["activation_bits"] == 2, "calibration"] = "mse"
     table.to_csv(sweep_dir / "runs.csv", index=False)
     report.write_report(sweep_dir)
-    assert "| W_bits | A_bits | Calib | Accuracy |" in (sweep_dir / "summary.md").read_text()
+    assert table_rows((sweep_dir / "summary.md").read_text())[0][:4] == [
+        "W_bits", "A_bits", "Calib", "Accuracy"]
     # A calibration sweep gets a calibration axis, its methods as the tick labels.
     html = (sweep_dir / "parallel_coordinates.html").read_text()
     assert '"label":"calibration"' in html.replace(" ", "")
@@ -247,7 +249,7 @@ def test_report_of_a_method_sweep_has_a_method_column_axis_and_labels(tmp_path):
     table.to_csv(sweep_dir / "runs.csv", index=False)
     report.write_report(sweep_dir)
     summary = (sweep_dir / "summary.md").read_text()
-    assert "| W_bits | A_bits | Method | Accuracy |" in summary
+    assert table_rows(summary)[0][:4] == ["W_bits", "A_bits", "Method", "Accuracy"]
     assert re.search(r"Best accuracy: W\d+A\d+ qat at 99\.00%", summary), summary
     html = (sweep_dir / "parallel_coordinates.html").read_text().replace(" ", "")
     assert '"label":"method"' in html and '"ticktext":["ptq","qat"]' in html
@@ -262,9 +264,9 @@ def test_report_of_a_distillation_sweep_tells_its_runs_apart(tmp_path):
     table.to_csv(sweep_dir / "runs.csv", index=False)
     report.write_report(sweep_dir)
     summary = (sweep_dir / "summary.md").read_text()
-    assert "| W_bits | A_bits | Distill | Accuracy |" in summary
-    rows = [r for r in summary.splitlines() if r.startswith("| ") and "W_bits" not in r]
-    assert {r.split("|")[3].strip() for r in rows} == {"True", "False"}
+    header, *rows = table_rows(summary)
+    assert header[:4] == ["W_bits", "A_bits", "Distill", "Accuracy"]
+    assert {r[2] for r in rows} == {"True", "False"}
     assert re.search(r"Best accuracy: W\d+A\d+ \+KD at 99\.00%", summary), summary
     html = (sweep_dir / "parallel_coordinates.html").read_text().replace(" ", "")
     assert '"label":"distill"' in html
@@ -292,11 +294,10 @@ def test_mixed_report_sets_each_run_beside_the_best_uniform_run_under_its_budget
     out = sweep_py(["--report", str(mixed), "--uniform", str(uniform)], tmp_path)
     assert out.returncode == 0, out.stderr
     summary = (mixed / "summary.md").read_text()
-    assert "| 3.63 | 4.21 |" in summary  # mean bits keep their decimals
+    assert ["3.63", "4.21"] in [r[:2] for r in table_rows(summary)]  # mean bits keep decimals
     assert "## Mixed precision against uniform bits at the same BitOps" in summary
     section = summary.split("## Mixed precision against uniform")[1]
-    rows = [line.strip("| ").split(" | ") for line in section.splitlines()
-            if line.startswith("| ") and "Budget" not in line]
+    rows = [r for r in table_rows(section) if r[0] != "Budget (G)"]
     assert len(rows) == 3
     rows = {r[1]: r for r in rows}
     # At the W4A4 budget the best uniform run within it is W4A4 itself (W8A2 and W2A8 cost

@@ -270,3 +270,28 @@ def test_the_imagenet_sweeps_are_valid_runs(name):
     for params in runs:
         config = RunConfig.from_dict(params)
         assert config.checkpoint == "torchvision:IMAGENET1K_V1" and config.dataset == "imagenet"
+
+
+def test_an_offline_sweep_over_a_state_dict_and_an_image_folder(tmp_path, jpegs,
+                                                                torchvision_state_dict):
+    """A sweep yaml naming a state dict and an image folder runs through the offline agent
+    like any other: one finished row per configuration."""
+    import yaml
+
+    sweep = tmp_path / "own.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "own", "program": os.path.join(ROOT, "sweep.py"), "method": "grid",
+        "metric": {"name": "quant_acc", "goal": "maximize"},
+        "parameters": {"weight_bits": {"values": [8, 4]}, "activation_bits": {"value": 8},
+                       "checkpoint": {"value": str(torchvision_state_dict)},
+                       "data_dir": {"value": jpegs}, "input_size": {"value": 64},
+                       "calib_batches": {"value": 1}, "calib_batch_size": {"value": 32},
+                       "workers": {"value": 1}},
+        "command": ["${env}", "${interpreter}", "${program}", "${args}"]}))
+    r = run(["--sweep", str(sweep), "--agents", "1", "--threads", "1",
+             "--results_dir", str(tmp_path / "res")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    (csv_path,) = (tmp_path / "res").glob("*/runs.csv")
+    table = pd.read_csv(csv_path)
+    assert sorted(table.weight_bits) == [4, 8] and (table.status == "finished").all()
+    assert (table.eval_images == 36).all()

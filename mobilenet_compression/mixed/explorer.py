@@ -46,7 +46,7 @@ def layer_table(model, input_size, table):
     """(layers, fp32_bitops): one dict per quantized layer in network order (name, block,
     macs, params: the weight's element count, w / a: its weight / activation KL at bits
     2..8), and the BitOps of the layers that stay FP32 (stem conv, classifier)."""
-    from ..bitops import bitops_report, block_of
+    from ..quant.bitops import bitops_report, block_of
     from ..quant.precision import quantized_layer_names, weight_layers
     from .sensitivity import BITS
 

@@ -2,7 +2,7 @@
 under a BitOps or size budget, which is then quantized beside the best uniform configuration
 within the same budget and kept only if it scores at least as high on validation images."""
 
-from .. import bitops
+from ..quant.bitops import adaptive_plan
 from ..quant.precision import mean_bits
 from ..quant.prepare import precision_plan
 from ..quant.recipe import post_training_quantize
@@ -16,7 +16,7 @@ def run_plan(config, metadata, fp32, info, train):
     if config.plan == "uniform":
         return (config.weight_bits, config.activation_bits), none
     if config.plan == "adaptive":
-        return bitops.adaptive_plan(fp32, info.input_size, config.activation_bits), none
+        return adaptive_plan(fp32, info.input_size, config.activation_bits), none
     budget = size = None
     if config.bitops_budget:
         budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size,

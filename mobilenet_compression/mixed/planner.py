@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 
-from ..bitops import adaptive_plan, bitops_report
+from ..quant.bitops import adaptive_plan, bitops_report
 from ..config import ADAPTIVE_BUDGET, UNIFORM_BUDGET, budget_text
 from ..errors import UserError
 from ..quant.precision import QUANT_BITS, quantized_layer_names, uniform_plan

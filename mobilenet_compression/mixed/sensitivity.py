@@ -255,7 +255,7 @@ def _quantized_names(model):
 
 
 def _macs(model, input_size):
-    from ..bitops import layer_stats
+    from ..quant.bitops import layer_stats
 
     return {r["name"]: r["macs"] for r in layer_stats(model, input_size)}
 

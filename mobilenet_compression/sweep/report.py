@@ -31,6 +31,7 @@ from mobilenet_compression.sweep.plots import (
 from mobilenet_compression.sweep.table import (
     CATEGORIES,
     GIGA,
+    markdown_table,
     plan_kind,
     run_label,
     sort_runs,
@@ -69,12 +70,6 @@ def _fmt(value, digits=2):
         return f"{float(value):.{digits}f}"
     except (TypeError, ValueError):
         return str(value)
-
-
-def _markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _provenance(df):
@@ -131,7 +126,7 @@ def mixed_against_uniform(mixed, uniform):
     header = ["Budget (G)", *(["Method"] if methods else []), "Mixed: mean bits",
               "BitOps (G)", "Accuracy", "Best uniform <= budget", "Accuracy", "Mixed - uniform"]
     return ["## Mixed precision against uniform bits at the same BitOps", "",
-            _markdown_table(header, rows), "",
+            markdown_table(header, rows), "",
             "Mean bits are MAC-weighted over the quantized layers; a budget `wXaY` is the "
             "BitOps of the uniform WxAy model, so it is always in the uniform pool.", ""]
 
@@ -170,7 +165,7 @@ def summary_markdown(df, source, uniform=None):
             cells.append(str(value) if digits is None else _fmt(value, digits))
         rows.append(cells)
     if rows:
-        lines += [_markdown_table([c[0] for c in columns], rows), ""]
+        lines += [markdown_table([c[0] for c in columns], rows), ""]
         lines += ["Accuracy and Drop in %, sizes in MiB of the exported files, BitOps = "
                   "MACs x weight bits x activation bits per image (FP32 layers at 32 x 32).", ""]
         if "onnx_acc" in done.columns:
@@ -198,7 +193,7 @@ def summary_markdown(df, source, uniform=None):
             rows.append([f"`{row['run_id']}`", *[str(row[k]) for k in keys], row["status"],
                          _fmt(code, 0) if code == code else "—",
                          "yes" if config in finished_configs else "no"])
-        lines += [_markdown_table(["run", *keys, "status", "exit code", "finished on a retry"],
+        lines += [markdown_table(["run", *keys, "status", "exit code", "finished on a retry"],
                                   rows), ""]
         lines += ["A failed run's log is in `wandb/sweep-<sweep_id>/<run>.log`; running the "
                   "same sweep again retries it.", ""]

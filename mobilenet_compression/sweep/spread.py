@@ -18,6 +18,7 @@ import sys
 
 from ..errors import ArgumentParser, UserError, cli
 from ..files import atomic_write
+from .table import markdown_table
 
 # Run parameters that must be the same in every sweep of a spread.
 SAME = ("method", "calibration", "bias_correction", "weight_method", "weight_granularity",
@@ -126,13 +127,12 @@ def markdown(table, df, metric, where=None):
              f"{base.std():.2f}). Sources: " + ", ".join(f"`{s}`" for s in base.index) + ".",
              "", "Settings every run shares: " + shared_settings(df) + ".",
              "", f"Per cell: mean ± sample standard deviation [min..max] of `{metric}` and of "
-             "its drop from the same checkpoint's FP32 accuracy, in points.", "",
-             f"| W | A | n | {metric} | drop |", "|---|---|---|---|---|"]
-    for _, r in table.iterrows():
-        lines.append(
-            f"| {r.weight_bits:g} | {r.activation_bits:g} | {r['count']:.0f} | "
-            f"{r['mean']:.2f} ± {r['std']:.2f} [{r['min']:.2f}..{r['max']:.2f}] | "
-            f"{r.drop_mean:.2f} ± {r.drop_std:.2f} [{r.drop_min:.2f}..{r.drop_max:.2f}] |")
+             "its drop from the same checkpoint's FP32 accuracy, in points.", ""]
+    rows = [[f"{r.weight_bits:g}", f"{r.activation_bits:g}", f"{r['count']:.0f}",
+             f"{r['mean']:.2f} ± {r['std']:.2f} [{r['min']:.2f}..{r['max']:.2f}]",
+             f"{r.drop_mean:.2f} ± {r.drop_std:.2f} [{r.drop_min:.2f}..{r.drop_max:.2f}]"]
+            for _, r in table.iterrows()]
+    lines.append(markdown_table(["W", "A", "n", metric, "drop"], rows))
     return "\n".join(lines) + "\n"
 
 

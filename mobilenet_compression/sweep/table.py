@@ -1,9 +1,18 @@
 """The runs of a runs.csv as a report shows them: which finished, in which order, labelled how,
 and which are on the Pareto front (report.py's summary.md and plots.py's pictures)."""
 
+import pandas as pd
+
 from . import results
 
 GIGA = 1e9  # BitOps are shown in G
+
+
+def markdown_table(header, rows):
+    """A markdown table of cells the report has formatted (pandas' DataFrame.to_markdown in
+    GitHub's pipe format; numbers are kept as written, not parsed again)."""
+    return pd.DataFrame(rows, columns=header).to_markdown(index=False, tablefmt="github",
+                                                          disable_numparse=True)
 
 
 def split_runs(df):

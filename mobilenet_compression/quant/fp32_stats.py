@@ -16,9 +16,11 @@ import hashlib
 import json
 import os
 
-from .environment import cache_folder
-from .errors import UserError
-from .files import atomic_write
+from ..environment import cache_folder
+from ..errors import UserError
+from ..files import atomic_write
+from .bias_correction import fp32_channel_means
+from .equalize import depthwise_input_maxes
 
 VERSION = 1  # part of the key: bump when what is measured changes
 
@@ -66,8 +68,6 @@ def cached(path, measure, device):
 def depthwise_maxes(fp32, loader, batches, key):
     """equalize.depthwise_input_maxes, through the cache. key: (checkpoint SHA-256,
     batches, batch size, device type)."""
-    from .quant.equalize import depthwise_input_maxes
-
     path = cache_path("equalize", *key, equalized=False)
     device = next(fp32.parameters()).device
     table = cached(path, lambda: {str(i): m for i, m in enumerate(
@@ -78,8 +78,6 @@ def depthwise_maxes(fp32, loader, batches, key):
 def channel_means(source, loader, batches, key, equalized):
     """quantization.fp32_channel_means of `source` (the network the runs quantize: equalized
     or not), through the cache."""
-    from .quant.bias_correction import fp32_channel_means
-
     path = cache_path("means", *key, equalized=equalized)
     device = next(source.parameters()).device
     return cached(path, lambda: fp32_channel_means(source, loader, batches), device)
