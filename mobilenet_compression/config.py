@@ -105,6 +105,18 @@ def default_rounding(method):
 CALIBRATIONS = CALIBRATION_METHODS + ("auto",)
 
 
+def _check_source_fields(v):
+    """The flags of a state dict source (sources.add_arguments), checked in place in `v`."""
+    for name in ("num_classes", "input_size", "resize_size"):
+        v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
+    v["workers"] = _positive_int(v["workers"], "--workers", allow_none=True, minimum=0)
+    for name in ("mean", "std"):
+        v[name] = parse_floats(v[name], f"--{name}")
+    for name, choices in (("dataset", DATASETS), ("arch", ARCHS)):
+        given = v[name] not in (None, "")
+        v[name] = check_choice(v[name], choices, f"--{name}") if given else None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     checkpoint: str = "checkpoints/best.pt"
@@ -180,24 +192,14 @@ class RunConfig:
         v["weight_rounding"] = check_choice(v["weight_rounding"], ROUNDINGS, "--weight_rounding")
         v["weight_granularity"] = check_choice(v["weight_granularity"], WEIGHT_GRANULARITIES,
                                           "--weight_granularity")
-        for name in ("calib_batches", "calib_batch_size", "qat_batch_size",
-                     "sensitivity_images", "seed"):
-            if name == "seed":
-                if isinstance(v[name], bool) or not isinstance(v[name], numbers.Integral):
-                    raise UserError(f"--seed must be an integer, got {v[name]!r}.")
-                continue
+        if isinstance(v["seed"], bool) or not isinstance(v["seed"], numbers.Integral):
+            raise UserError(f"--seed must be an integer, got {v['seed']!r}.")
+        for name in ("calib_batches", "calib_batch_size", "qat_batch_size", "sensitivity_images"):
             v[name] = _positive_int(v[name], f"--{name}")
         v["qat_checks"] = _positive_int(v["qat_checks"], "--qat_checks", minimum=0)
-        for name in ("max_eval_samples", "threads", "num_classes", "input_size", "resize_size"):
+        for name in ("max_eval_samples", "threads"):
             v[name] = _positive_int(v[name], f"--{name}", allow_none=True)
-        v["workers"] = _positive_int(v["workers"], "--workers", allow_none=True, minimum=0)
-        for name in ("mean", "std"):
-            v[name] = parse_floats(v[name], f"--{name}")
-        for name, choices in (("dataset", DATASETS), ("arch", ARCHS)):
-            if v[name] not in (None, ""):
-                v[name] = check_choice(v[name], choices, f"--{name}")
-            else:
-                v[name] = None
+        _check_source_fields(v)
         if str(v["bias_correction"]).strip().lower() == "auto":
             v["bias_correction"] = "auto"
         else:

@@ -70,9 +70,8 @@ def get_args_parser():
 def _model_flags(g, d):
     """The model and bits flags; defaults from RunConfig `d`."""
     g.add_argument("--checkpoint", default=d.checkpoint,
-                   help="the FP32 model: a checkpoint written by train.py, a torchvision "
-                        "MobileNetV2 state dict file (with --dataset), or "
-                        "torchvision:IMAGENET1K_V1 / torchvision:IMAGENET1K_V2 (default: "
+                   help="the FP32 model: a checkpoint written by train.py, a MobileNetV2 "
+                        "state dict file, or torchvision:IMAGENET1K_V1 / _V2 (default: "
                         "%(default)s)")
     g.add_argument("--weight_bits", type=int, default=d.weight_bits,
                    help="weight bits, 2..8 (16/32: FP32) (default: %(default)s)")
