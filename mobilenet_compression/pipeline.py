@@ -322,9 +322,9 @@ def onnx_step(d, qmodel, model_path, torch_logits):
     onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
     onnx, onnx_logits = onnx_runtime.measure_onnx(
         qmodel, d.fp32, onnx_path, eval_loader(d.test, d.info),
-        (info.in_channels, info.input_size, info.input_size), d.threads)
-    onnx["onnx_agreement"] = agreement(torch_logits,
-                                                   onnx_logits[:len(torch_logits)])
+        (info.in_channels, info.input_size, info.input_size), d.threads,
+        {**d.metadata, "method": d.config.method})
+    onnx["onnx_agreement"] = agreement(torch_logits, onnx_logits[:len(torch_logits)])
     onnx["onnx_agreement_images"] = len(torch_logits)
     onnx["onnx_mb"] = os.path.getsize(onnx_path) / MIB
     return onnx

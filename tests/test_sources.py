@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -134,6 +135,9 @@ def test_a_torchvision_state_dict_runs_ptq_qat_a_mixed_plan_and_onnx(tmp_path, j
         metadata, _ = read_quantized(str(path))
         assert metadata["arch"] == "imagenet" and float(metadata["width_multiplier"]) == 0.5
         assert metadata["source"] == str(torchvision_state_dict)
+        props = {p.key: p.value for p in onnx.load(str(path.with_suffix(".onnx"))).metadata_props}
+        assert props["source"] == metadata["source"] and props["preprocess"] == metadata[
+            "preprocess"]
 
 
 def test_state_dict_bitops_at_224_match_the_design_checks(tmp_path):

@@ -343,11 +343,17 @@ def check_int16_pairs(proto):
                          f"(the result would depend on the CPU): {over}")
 
 
-def export_onnx(model, path, input_shape):
-    """Write `model` as ONNX (QDQ where quantized) to `path` atomically; returns the proto."""
+def export_onnx(model, path, input_shape, metadata=None):
+    """Write `model` as ONNX (QDQ where quantized) to `path` atomically, with `metadata` (the
+    run and its model's source, as the safetensors file has them) in the model's
+    metadata_props; returns the proto."""
     from ..files import atomic_write
 
     proto, _ = build_onnx(model, input_shape)
+    if metadata:
+        import onnx
+
+        onnx.helper.set_model_props(proto, {k: str(v) for k, v in sorted(metadata.items())})
     data = proto.SerializeToString()
     atomic_write(path, lambda f: f.write(data))
     return proto

@@ -97,7 +97,7 @@ def latency_ms(sess, images, repeats=50):
     return 1000.0 * statistics.median(times)
 
 
-def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None):
+def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None, metadata=None):
     """Export `qmodel` to `path`, run it in ONNX Runtime over `loader`, and time it against the FP32 model exported and run the same way
     in this process. Returns (metrics, logits):
     onnx_acc, onnx_eval_s (its seconds over `loader`), onnx_img_s (batch 256, median of 5),
@@ -106,8 +106,8 @@ def measure_onnx(qmodel, fp32_model, path, loader, input_shape, threads=None):
     cpu_isa (the CPU's int8 instructions, `cpu.cpu_isa`: what the speeds depend on),
     onnx_threads (the sessions' intra-op threads: `threads`, else ONNX Runtime's default of
     one per core; ONNX Runtime does not read OMP_NUM_THREADS, so a run sharing the machine
-    must pass it)."""
-    export_onnx(qmodel, path, input_shape)
+    must pass it). `metadata` goes into the file (export_onnx)."""
+    export_onnx(qmodel, path, input_shape, metadata)
     sess = session(path, threads)
     t = time.perf_counter()
     logits, labels = predict_onnx(sess, loader)
