@@ -1,5 +1,6 @@
-"""The one `evaluate`: accuracy (and loss) of a model, FP32 or fake-quantized, over a
-BatchLoader. Training (validation each epoch) and quantization runs both use it.
+"""The one `evaluate`: accuracy (and loss) of a model, FP32 or fake-quantized, over a loader
+(data.BatchLoader, or image_folder.FolderLoader for an image folder). Training (validation
+each epoch) and quantization runs both use it.
 
 Quantization runs evaluate exactly in FP32: bf16 would change the numbers a fake-quantized
 model is meant to reproduce. Training may pass bf16=True, which autocasts on a CUDA device
