@@ -33,17 +33,28 @@ def load_checkpoint(path, map_location="cpu"):
     """Load and check a checkpoint; every way it can be wrong is one UserError sentence."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; train one with `python train.py`.")
+    return check_checkpoint(read_torch_file(path, map_location), path)
+
+
+def read_torch_file(path, map_location="cpu"):
+    """torch.load(weights_only=True) of a file that exists; a file torch cannot read is one
+    UserError sentence."""
     try:
         with warnings.catch_warnings():
             # A damaged file can look like a legacy pickle: torch then warns about its protocol
             # before failing, which would be a second line beside the one error below.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle/EOF errors all mean "not a readable checkpoint"
         raise UserError(
             f"checkpoint {path} is corrupt or not a PyTorch file ({type(e).__name__}); "
             f"use another checkpoint or train again."
         ) from None
+
+
+def check_checkpoint(ckpt, path):
+    """`ckpt` (what `path` holds) if it is a checkpoint of train.py with all its metadata;
+    else one UserError sentence."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise UserError(
             f"{path} is not a mobilenet-compression checkpoint (no {FORMAT!r} metadata); "

@@ -19,12 +19,17 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import FORMAT, file_digest, load_checkpoint, model_from_checkpoint
+from .checkpoint import (
+    FORMAT,
+    check_checkpoint,
+    file_digest,
+    model_from_checkpoint,
+    read_torch_file,
+)
 from .data import DATASETS as TENSOR_DATASETS
 from .data import load_dataset
 from .errors import UserError
@@ -124,26 +129,18 @@ def load_model(spec, options=None):
     if spec.startswith(TORCHVISION):
         ckpt = _torchvision_weights(spec, options)
     else:
-        raw = _read(spec)
+        if not os.path.isfile(spec):
+            raise UserError(f"checkpoint {spec} does not exist; give a checkpoint of train.py, "
+                            f"a MobileNetV2 state dict file or torchvision:IMAGENET1K_V1.")
+        raw = read_torch_file(spec)
         if isinstance(raw, dict) and raw.get("format") == FORMAT:
             if options.given():
                 raise UserError(f"{spec} is a checkpoint of train.py, which knows its own "
                                 f"dataset and model; drop {', '.join(options.given())}.")
-            ckpt = load_checkpoint(spec)
-            ckpt.setdefault("source", spec)
-            return ckpt, model_from_checkpoint(ckpt, spec).to(memory_format=torch.channels_last)
-        ckpt = _state_dict_checkpoint(spec, _tensors_of(raw, spec), options)
-    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["width_multiplier"],
-                        ckpt["in_channels"])
-    model.load_state_dict(ckpt["model"])
-    return ckpt, model.eval().to(memory_format=torch.channels_last)
-
-
-def source_file(spec):
-    """The file a source is read from (torchvision:NAME: its file in torch's hub cache)."""
-    if spec.startswith(TORCHVISION):
-        return _hub_file(_weights(spec))
-    return spec
+            ckpt = {**check_checkpoint(raw, spec), "source": spec}
+        else:
+            ckpt = _state_dict_checkpoint(spec, _tensors_of(raw, spec), options)
+    return ckpt, model_from_checkpoint(ckpt, spec).to(memory_format=torch.channels_last)
 
 
 def source_digest(ckpt, data_dir=None):
@@ -151,26 +148,12 @@ def source_digest(ckpt, data_dir=None):
     file's SHA-256 for a checkpoint of train.py (which fixes its data); for a state dict, that
     of the file together with the dataset, its folder and the preprocessing, since the same
     weights may be measured on other images."""
-    digest = ckpt.get("source_sha256") or file_digest(source_file(ckpt["source"]))
+    digest = ckpt.get("source_sha256") or file_digest(ckpt["source"])
     if "preprocess" not in ckpt:
         return digest
     identity = {"file": digest, "dataset": ckpt["dataset"], **ckpt["preprocess"],
                 "data_dir": os.path.abspath(data_dir) if data_dir else None}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _read(path):
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; give a checkpoint of train.py, a "
-                        f"MobileNetV2 state dict file or torchvision:IMAGENET1K_V1.")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip/pickle/EOF errors all mean "not a readable checkpoint"
-        raise UserError(
-            f"checkpoint {path} is corrupt or not a PyTorch file ({type(e).__name__}); "
-            f"use another checkpoint or train again.") from None
 
 
 def _tensors_of(raw, path):
@@ -235,10 +218,8 @@ def _checkpoint(tensors, options, width, channels, classes, source, digest, prep
         if channels != info.in_channels or classes != info.num_classes:
             raise UserError(f"{source} takes {channels} channels and has {classes} classes; "
                             f"{info.name} has {info.in_channels} and {info.num_classes}.")
-        return {"format": "state-dict", "arch": arch, "dataset": info.name,
-                "num_classes": classes, "in_channels": channels, "input_size": info.input_size,
-                "width_multiplier": width, "seed": None, "model": tensors, "source": source,
-                "source_sha256": digest}
+        return _state_dict_ckpt(tensors, arch, info.name, classes, channels, info.input_size,
+                                width, source, digest)
     if arch == "imagenet" and channels != 3:
         raise UserError(f"{source} takes {channels} input channels; the ImageNet "
                         f"architecture takes 3 (give --arch cifar).")
@@ -261,10 +242,15 @@ def _checkpoint(tensors, options, width, channels, classes, source, digest, prep
                             f"{channels} channels), got {len(prep[name])}.")
     if any(s <= 0 for s in prep["std"]):
         raise UserError("--std must be positive.")
-    return {"format": "state-dict", "arch": arch, "dataset": options.dataset,
-            "num_classes": classes, "in_channels": channels, "input_size": size,
-            "width_multiplier": width, "seed": None, "model": tensors, "source": source,
-            "source_sha256": digest, "preprocess": prep}
+    return {**_state_dict_ckpt(tensors, arch, options.dataset, classes, channels, size, width,
+                               source, digest), "preprocess": prep}
+
+
+def _state_dict_ckpt(tensors, arch, dataset, classes, channels, size, width, source, digest):
+    """The checkpoint dict the rest of the package reads, for a state dict source."""
+    return {"format": "state-dict", "arch": arch, "dataset": dataset, "num_classes": classes,
+            "in_channels": channels, "input_size": size, "width_multiplier": width,
+            "seed": None, "model": tensors, "source": source, "source_sha256": digest}
 
 
 def _weights(spec):
@@ -319,11 +305,11 @@ def data_dir_of(ckpt, data_dir=None):
 def load_data(ckpt, data_dir=None, workers=None):
     """(info, train, val, test) for a model: the small datasets whole in memory (data.py),
     image folders streamed from disk (image_folder.py)."""
-    val_size = ckpt.get("args", {}).get("val_size")
+    val_size, data_dir = ckpt.get("args", {}).get("val_size"), data_dir_of(ckpt, data_dir)
     if ckpt["dataset"] in FOLDER_DATASETS:
-        return load_image_folder(ckpt["dataset"], data_dir_of(ckpt, data_dir),
-                                 preprocess_of(ckpt), ckpt["num_classes"], val_size, workers)
-    return load_dataset(ckpt["dataset"], data_dir_of(ckpt, data_dir), val_size)
+        return load_image_folder(ckpt["dataset"], data_dir, preprocess_of(ckpt),
+                                 ckpt["num_classes"], val_size, workers)
+    return load_dataset(ckpt["dataset"], data_dir, val_size)
 
 
 def export_metadata(ckpt, digest):
