@@ -7,7 +7,6 @@ the same in flags, sweep yamls, W&B config, runs.csv and the docs.
 import dataclasses
 import math
 import numbers
-import re
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -19,6 +18,7 @@ from .quant.fake_quant import (
     WEIGHT_METHODS,
     check_choice,
 )
+from .quant.planner import ADAPTIVE_BUDGET, budget_text
 from .quant.precision import check_bits, is_fp32
 from .quant.rounding import ROUNDINGS
 
@@ -66,31 +66,6 @@ def _positive_float(value, flag):
     if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
         raise UserError(f"{flag} must be a positive number, got {value!r}.")
     return number
-
-
-# A --bitops_budget that names a uniform plan ("w4a4"): its BitOps are the budget.
-UNIFORM_BUDGET = re.compile(r"[wW]([2-8])[aA]([2-8])")
-# A --bitops_budget of "adaptive": the BitOps of the adaptive plan at --activation_bits, so
-# that a sweep puts --plan adaptive and a sensitivity plan of the same cost side by side
-# (--plan adaptive accepts this budget, its own, and no other).
-ADAPTIVE_BUDGET = "adaptive"
-
-
-def budget_text(value):
-    """A --bitops_budget as given ("1.2" GBitOps or "0.5x"), checked for form and sign here;
-    its range needs the model (planner.parse_budget)."""
-    text = str(value).strip()
-    if UNIFORM_BUDGET.fullmatch(text) or text.lower() == ADAPTIVE_BUDGET:
-        return text.lower()
-    try:
-        number = float(text[:-1] if text.lower().endswith("x") else text)
-    except ValueError:
-        raise UserError(f"--bitops_budget must be a number of GBitOps, a fraction of the "
-                        f"W8A8 BitOps such as 0.5x, a uniform plan's such as w4a4, or "
-                        f"adaptive, got {value!r}.") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise UserError(f"--bitops_budget must be positive, got {value!r}.")
-    return text
 
 
 def default_rounding(method):

@@ -111,3 +111,10 @@ def accuracy(logits, labels):
 def agreement(logits_a, logits_b):
     """Percent of images whose top-1 class is the same in both."""
     return 100.0 * float((logits_a.argmax(1) == logits_b.argmax(1)).double().mean())
+
+
+def largest_difference(model, other, split, info):
+    """The largest absolute difference between two models' logits over `split`'s images, in
+    one batch (e.g. a model against its exported file loaded back)."""
+    probe = split.loader(info, len(split), channels_last=True)
+    return float((predict(model, probe)[0] - predict(other, probe)[0]).abs().max())

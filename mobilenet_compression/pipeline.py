@@ -3,9 +3,12 @@ loaded checkpoint to its metrics and its runs.csv row; run.py gives it the comma
 the W&B run.
 
     d       = load_step(...)                             threads, device, data splits, ids
-    plan    = mixed.plan.run_plan(...)                   bits per layer: uniform, adaptive,
-                                                         or sensitivity under a budget
-    baseline_accuracy(...)                               FP32 test accuracy, cached per sweep
+    plan    = plan_step(...)                             bits per layer (quant/plan.py):
+                                                         uniform, adaptive, or sensitivity
+                                                         (mixed.sensitivity's table) under a
+                                                         BitOps or size budget
+    baseline_accuracy(...)                               FP32 test accuracy, cached per sweep;
+                                                         val_score for the held-out choices
     quantize_step(...)                                   quant/recipe.py's post-training
                                                          steps (equalize, calibrate, GPTQ,
                                                          clip search, bias correction), the
@@ -14,8 +17,9 @@ the W&B run.
     attach_output_grids(...)                             at 8-bit inputs, the residual adds'
                                                          and last conv's 8-bit grids the
                                                          integer engine needs
+    bitops_report(...)                                   the plan's MACs and BitOps
     evaluate_step(...)                                   quant_acc (torch engine)
-    export_step(...)                                     the safetensors file, sizes, BitOps
+    export_step(...)                                     the safetensors file, its sizes
     onnx_step(...)                                       ONNX file in ONNX Runtime: onnx_*
                                                          (quant_acc with --engine onnxruntime)
     log_step(...)                                        W&B summary/artifact, runs.csv row
@@ -34,17 +38,26 @@ from .quant import fp32_stats
 from .config import RunConfig
 from .deploy import onnx_export, onnx_runtime
 from .deploy.export import export_quantized, load_quantized
-from .deploy.size import MIB, compression_metrics
+from .deploy.size import MIB, compression_metrics, size_model
 from .errors import UserError
-from .evaluation import EVAL_BATCH_SIZE, accuracy, agreement, eval_loader, evaluate, predict
+from .evaluation import (
+    EVAL_BATCH_SIZE,
+    accuracy,
+    agreement,
+    eval_loader,
+    evaluate,
+    largest_difference,
+    predict,
+)
 from .files import atomic_write
 from .processes import process_age_s
 from .sources import export_metadata, load_data, load_model, source_digest
-from .mixed.plan import keep_plan_or_uniform, plan_bits, run_plan
+from .mixed.sensitivity import run_table
 from .quant.bitops import bitops_report
 from .quant.convert import convert
 from .quant.equalize import equalize_depthwise_inputs
 from .quant.output_grids import attach_output_grids
+from .quant.plan import keep_plan_or_uniform, plan_bits, plan_budgets, run_plan
 from .quant.prepare import precision_plan
 from .quant.qat import train_qat
 from .quant.recipe import post_training_quantize
@@ -114,23 +127,31 @@ def quantize_and_measure(config, run, loaded, progress):
     -> convert -> evaluate -> export and measure -> ONNX -> log. Returns (metrics, a function
     that writes the runs.csv row)."""
     d = load_step(config, run, loaded, progress)
-    progress.start("plan")  # a budget no plan meets fails here, before anything is written
-    plan, planning = run_plan(config, d.metadata, d.fp32, d.info, d.train)
+    progress.start("plan")
+    plan, planning = plan_step(d)
     progress.start("baseline")
     key = f"{d.checkpoint_sha256[:16]}:{len(d.test)}:{d.device.type}"
     baseline_acc = baseline_accuracy(d.fp32, d.test, d.info, d.out_dir, key)
     progress.done["baseline_acc"] = baseline_acc
-    qmodel, chosen, layer_calibration, qat, calib_loader = quantize_step(d, plan, planning)
+    # Both held-out choices (the searched clips, the bias correction) score on the validation
+    # images train.py kept out of training; the first one's score is the second's "without".
+    val_loader = eval_loader(d.val, d.info, EVAL_BATCH_SIZE)
+
+    def val_score(model):
+        return evaluate(model, val_loader, fold=True)
+
+    qmodel, chosen, layer_calibration, qat, calib_loader = quantize_step(d, plan, planning,
+                                                                         val_score)
     convert(qmodel)
     attach_output_grids(qmodel, calib_loader, config.calib_batches)
+    layer_bits = precision_plan(qmodel)
+    rows, totals = bitops_report(d.fp32, d.info.input_size, layer_bits)
     progress.start("eval")
     torch_logits, quant_acc, eval_s, data = evaluate_step(d, qmodel)
     progress.start("export")
-    model_path, roundtrip, rows, totals, size = export_step(d, qmodel, planning)
-    onnx = {}
-    if onnx_export.onnx_exportable(qmodel) and onnx_runtime.available():
-        progress.start("onnx")
-        onnx = onnx_step(d, qmodel, model_path, torch_logits)
+    model_path, roundtrip, size = export_step(d, qmodel, planning, rows, layer_bits)
+    onnx = onnx_step(d, qmodel, model_path, torch_logits)
+    if onnx:
         size["onnx_mb"] = onnx.pop("onnx_mb")
         if config.engine == "onnxruntime":
             quant_acc, eval_s = onnx["onnx_acc"], onnx["onnx_eval_s"]
@@ -173,8 +194,8 @@ def load_step(config, run, loaded, progress):
     ckpt, fp32, data = loaded
     device = threads.resolve_device(config.device)
     progress.start("load")
-    info, train, val, test = run_splits(config, data, device)
     digest = source_digest(ckpt, config.data_dir)
+    info, train, val, test = run_splits(config, data, device)
     fp32.to(device)
     return RunData(
         config=config, run=run, progress=progress, ckpt=ckpt, fp32=fp32, device=device,
@@ -195,6 +216,19 @@ def run_splits(config, data, device):
     return (info, train.to(device), val.head(val_images).to(device),
             test.head(config.max_eval_samples).to(device))
 
+
+
+def plan_step(d):
+    """The run's precision plan and its planning (quant/plan.py): a budget no plan meets
+    fails first, before the sensitivities are measured and before anything is written."""
+    config = d.config
+    fixed = None
+    if config.plan == "sensitivity" and config.size_budget_mb:
+        fixed = size_model(d.metadata, d.fp32, d.train, d.info, config.bias_correction,
+                           config.equalize)
+    budgets = plan_budgets(config, d.fp32, d.info, fixed)
+    table = run_table(config) if config.plan == "sensitivity" else None
+    return run_plan(config, d.fp32, d.info, budgets, table)
 
 def baseline_accuracy(model, test, info, cache_dir, key):
     """FP32 test accuracy of the checkpoint, measured once per (checkpoint, test set) and
@@ -219,9 +253,10 @@ def baseline_accuracy(model, test, info, cache_dir, key):
     return cache[key]
 
 
-def quantize_step(d, plan, planning):
+def quantize_step(d, plan, planning, val_score):
     """The quantized model the run measures: the post-training recipe on the (equalized) FP32
-    network, the plan against its uniform rival, then QAT if asked. Returns (qmodel, the
+    network, the plan against its uniform rival, then QAT if asked; the held-out choices
+    score with `val_score` (model -> validation accuracy). Returns (qmodel, the
     held-out choices made, {layer: its calibration}, QAT's metrics, the calibration loader)."""
     config, progress = d.config, d.progress
     progress.start("calibrate")
@@ -244,13 +279,6 @@ def quantize_step(d, plan, planning):
     if config.bias_correction:  # True or "auto"
         means = fp32_stats.channel_means(source, calib_loader, config.calib_batches,
                                          stats_key, config.equalize)
-    # Both held-out choices (the searched clips, the bias correction) score on the validation
-    # images train.py kept out of training; the first one's score is the second's "without".
-    val_loader = eval_loader(d.val, d.info, EVAL_BATCH_SIZE)
-
-    def val_score(model):
-        return evaluate(model, val_loader, fold=True)
-
     qmodel, chosen, score_now, layer_calibration = post_training_quantize(
         config, plan, source, calib_loader, means, val_score, progress, len(d.val))
     if config.plan == "sensitivity":
@@ -287,37 +315,32 @@ def evaluate_step(d, qmodel):
     return torch_logits, quant_acc, eval_s, data
 
 
-def export_step(d, qmodel, planning):
-    """The real file (reloaded and checked), the BitOps table and the size metrics. Returns
-    (file path, round-trip logit difference, BitOps rows, BitOps totals, size metrics)."""
+def export_step(d, qmodel, planning, rows, layer_bits):
+    """The real file and the size metrics (`layer_bits`: the model's precision plan, `rows`
+    its BitOps rows). Returns (file path, the largest logit difference between the model
+    and its file loaded back on 256 test images: 0.0 when the file holds exactly the model,
+    size metrics)."""
     config, info = d.config, d.info
     model_path = os.path.join(d.out_dir, "models", f"{d.run_id}-{run_label(config)}-"
                                                    f"{config.method}.safetensors")
-    roundtrip = export_and_check(qmodel, model_path, d.test, info, d.device,
-                                 {**d.metadata, "method": config.method})
-    rows, totals = bitops_report(d.fp32, info.input_size, precision_plan(qmodel))
-    size = compression_metrics(qmodel, d.ckpt["model"], model_path, info.input_size,
-                               info.in_channels)
+    os.makedirs(os.path.dirname(model_path), exist_ok=True)
+    export_quantized(qmodel, model_path, {**d.metadata, "method": config.method})
+    size = compression_metrics(qmodel, d.ckpt["model"], model_path, rows, layer_bits)
     size_limit = planning["size"] and planning["size"][1]
     if size_limit is not None and os.path.getsize(model_path) > size_limit:
         raise RuntimeError(f"the plan's file is {os.path.getsize(model_path)} bytes, over the "
                            f"size budget of {int(size_limit)}: the size prediction is wrong")
-    return model_path, roundtrip, rows, totals, size
-
-
-def export_and_check(qmodel, model_path, test, info, device, metadata):
-    """Write the real file (with `metadata`), load it back and return the largest logit
-    difference on 256 test images (0.0 when the file holds exactly the model)."""
-    os.makedirs(os.path.dirname(model_path), exist_ok=True)
-    export_quantized(qmodel, model_path, metadata)
-    probe = test.head(256).loader(info, 256, channels_last=True)
-    reloaded = load_quantized(model_path).to(device)
-    return float((predict(qmodel, probe)[0] - predict(reloaded, probe)[0]).abs().max())
+    reloaded = load_quantized(model_path).to(d.device)
+    return model_path, largest_difference(qmodel, reloaded, d.test.head(256), info), size
 
 
 def onnx_step(d, qmodel, model_path, torch_logits):
     """The ONNX file beside the safetensors one, run in ONNX Runtime: its onnx_* metrics, its
-    agreement with PyTorch's logits, and its size (onnx_mb)."""
+    agreement with PyTorch's logits, and its size (onnx_mb); {} when the model has no ONNX
+    form (a layer the integer operators cannot hold) or ONNX Runtime is not installed."""
+    if not (onnx_export.onnx_exportable(qmodel) and onnx_runtime.available()):
+        return {}
+    d.progress.start("onnx")
     info = d.info
     onnx_path = model_path.removesuffix(".safetensors") + ".onnx"
     onnx, onnx_logits = onnx_runtime.measure_onnx(

@@ -33,10 +33,16 @@ from mobilenet_compression.deploy.size import (
     weight_compression_ratio,
 )
 from mobilenet_compression.quant.bias_correction import bias_correct
+from mobilenet_compression.quant.bitops import bitops_report
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.precision import quantized_layer_names
 from mobilenet_compression.quant.output_grids import attach_output_grids, output_grid_table
-from mobilenet_compression.quant.prepare import quant_layers, quantize_model
+from mobilenet_compression.quant.prepare import (
+    activations_fp32,
+    precision_plan,
+    quant_layers,
+    quantize_model,
+)
 
 N_EVAL = 1000
 METADATA = {"arch": "cifar", "dataset": "fashion-mnist", "num_classes": 10,
@@ -252,19 +258,37 @@ def test_size_metrics(fashion_mnist_model, fashion_mnist, tmp_path):
     assert weight_compression_ratio(qmodel) == 4 * numel / (packed + 4 * channels)
     assert weight_compression_ratio(quantize_model(fashion_mnist_model, (32, 8))) == 1.0
 
-    assert activation_compression_ratio(qmodel, 28, 1) == 4.0
-    assert activation_compression_ratio(quantize_model(fashion_mnist_model, (8, 2)), 28, 1) == 16.0
-    assert activation_compression_ratio(quantize_model(fashion_mnist_model, (8, 32)), 28, 1) == 1.0
-    counts = activation_elements(qmodel, 28, 1)
+    def ratio(model):
+        plan = precision_plan(model)
+        return activation_compression_ratio(bitops_report(fashion_mnist_model, 28, plan)[0],
+                                            plan)
+
+    assert ratio(qmodel) == 4.0
+    assert ratio(quantize_model(fashion_mnist_model, (8, 2))) == 16.0
+    assert ratio(quantize_model(fashion_mnist_model, (8, 32))) == 1.0
+    plan = precision_plan(qmodel)
+    rows = bitops_report(fashion_mnist_model, 28, plan)[0]
+    counts = activation_elements(rows, plan)
     assert counts["features.1.conv.0.0"] == 8 * 28 * 28  # the stem's 8 channels at 28x28
     assert counts["features.18.0"] == 80 * 4 * 4  # the last block's output: 28 -> 14 -> 7 -> 4
+    assert "features.0.0" not in counts and "classifier.1" not in counts  # FP32 in both
+    # The counts are the inputs the quantized layers really see: a forward pre-hook on each.
+    seen = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, name=n: seen.__setitem__(name, args[0][0].numel()))
+        for n, m in quant_layers(qmodel)]
+    with torch.inference_mode(), activations_fp32(qmodel):
+        qmodel(torch.zeros(1, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    assert seen == counts
     half = {n: (8, 4 if i % 2 else 32) for i, n in enumerate(quantized_layer_names(qmodel))}
     mixed = quantize_model(fashion_mnist_model, half)
-    elements = activation_elements(mixed, 28, 1)
+    elements = activation_elements(bitops_report(fashion_mnist_model, 28, half)[0], half)
     bits = sum(c * half[n][1] for n, c in elements.items())
-    assert activation_compression_ratio(mixed, 28, 1) == 32 * sum(elements.values()) / bits
+    assert ratio(mixed) == 32 * sum(elements.values()) / bits
 
-    metrics = compression_metrics(qmodel, fp32_state, path, 28, 1)
+    metrics = compression_metrics(qmodel, fp32_state, path, rows, plan)
     assert set(metrics) == {"orig_mb", "compressed_mb", "container_overhead",
                             "compression_ratio", "weight_compression_ratio",
                             "activation_compression_ratio"}

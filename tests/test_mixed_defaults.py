@@ -3,9 +3,9 @@ the best uniform configuration within its budget when that scores higher on vali
 
 import torch
 
-from mobilenet_compression.mixed import planner
+from mobilenet_compression.quant import planner
 from mobilenet_compression import pipeline
-from mobilenet_compression.mixed.plan import keep_plan_or_uniform
+from mobilenet_compression.quant.plan import keep_plan_or_uniform
 from mobilenet_compression.quant.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.data import BatchLoader

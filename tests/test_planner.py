@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from mobilenet_compression.mixed import planner
+from mobilenet_compression.quant import planner
 from mobilenet_compression.quant.bitops import bitops_report
 from mobilenet_compression.config import RunConfig
 from mobilenet_compression.errors import UserError

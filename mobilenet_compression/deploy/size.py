@@ -1,16 +1,23 @@
 """The size metrics of DESIGN.md (orig_mb, compressed_mb, compression_ratio,
 weight_compression_ratio, activation_compression_ratio): measured on the real exported file
 (export.py) where they are about the file, pure functions of the model and its plan where
-they are about weights and activations."""
+they are about weights and activations; and the size model a size budget plans with
+(`size_model`: the bytes of a checkpoint's file that do not depend on the plan)."""
 
+import math
 import os
 import struct
+import tempfile
 
 import torch
 
-from ..quant.precision import is_fp32
-from ..quant.prepare import activations_fp32, quant_layers
-from .export import packed_nbytes
+from ..quant.bias_correction import bias_correct
+from ..quant.calibrate import calibrate
+from ..quant.convert import convert
+from ..quant.equalize import equalize_depthwise_inputs
+from ..quant.precision import FP32, is_fp32, quantized_layer_names, weight_layers
+from ..quant.prepare import quant_layers, quantize_model
+from .export import export_quantized, packed_nbytes
 
 MIB = 2**20
 
@@ -62,44 +69,30 @@ def weight_compression_ratio(qmodel):
     return fp32 / stored if stored else 1.0
 
 
-def activation_elements(qmodel, input_size, in_channels):
-    """Per image at input_size x input_size: the number of input-activation elements of each
-    quantized layer (name -> count), counted with forward hooks on one zero image."""
-    counts, handles = {}, []
-    for name, layer in quant_layers(qmodel):
-        def hook(module, args, name=name):
-            counts[name] = args[0][0].numel()
-        handles.append(layer.register_forward_pre_hook(hook))
-    was_training = qmodel.training
-    try:
-        qmodel.eval()
-        param = next(qmodel.parameters())
-        x = torch.zeros(1, in_channels, input_size, input_size, device=param.device)
-        with torch.inference_mode(), activations_fp32(qmodel):
-            qmodel(x)
-    finally:
-        for h in handles:
-            h.remove()
-        qmodel.train(was_training)
-    return counts
+def activation_elements(rows, plan):
+    """Per image: the number of input-activation elements of each quantized layer (name ->
+    count), from the shapes in the plan's BitOps rows (quant/bitops.py's bitops_report):
+    channels x height x width of a conv's input, the features of a Linear's."""
+    return {r["name"]: r["in_channels"] * (math.prod(r["input_hw"]) if r["input_hw"] else 1)
+            for r in rows if r["name"] in plan}
 
 
-def activation_compression_ratio(qmodel, input_size, in_channels):
+def activation_compression_ratio(rows, plan):
     """How much smaller the quantized layers' input activations are than in FP32, per image:
-    sum(elements x 32) / sum(elements x activation_bits) over the quantized layers, with
-    layers the plan leaves FP32 counted at 32 bits. The stem conv's input (the image) and the
-    classifier's input are FP32 in both and not counted."""
-    counts = activation_elements(qmodel, input_size, in_channels)
-    layers = dict(quant_layers(qmodel))
+    sum(elements x 32) / sum(elements x activation_bits) over the layers of `plan` (the
+    quantized model's, prepare.precision_plan), with layers the plan leaves FP32 counted at
+    32 bits. The stem conv's input (the image) and the classifier's input are FP32 in both
+    and not counted. `rows` are the plan's BitOps rows."""
+    counts = activation_elements(rows, plan)
     fp32 = sum(32 * n for n in counts.values())
-    quant = sum(n * (32 if is_fp32(layers[k].activation_bits) else layers[k].activation_bits)
-                for k, n in counts.items())
+    quant = sum(n * (FP32 if is_fp32(plan[k][1]) else plan[k][1]) for k, n in counts.items())
     return fp32 / quant if quant else 1.0
 
 
-def compression_metrics(qmodel, fp32_state_dict, path, input_size, in_channels):
+def compression_metrics(qmodel, fp32_state_dict, path, rows, plan):
     """The DESIGN.md size metrics of an exported model, as a dict, with container_overhead:
-    the share of the file that is safetensors header rather than tensor data."""
+    the share of the file that is safetensors header rather than tensor data. `plan` is the
+    model's precision plan, `rows` its BitOps rows."""
     orig, comp = orig_mb(fp32_state_dict), compressed_mb(path)
     header, size = container_bytes(path)
     return {
@@ -108,6 +101,32 @@ def compression_metrics(qmodel, fp32_state_dict, path, input_size, in_channels):
         "container_overhead": header / size,
         "compression_ratio": compression_ratio(orig, comp),
         "weight_compression_ratio": weight_compression_ratio(qmodel),
-        "activation_compression_ratio": activation_compression_ratio(qmodel, input_size,
-                                                                     in_channels),
+        "activation_compression_ratio": activation_compression_ratio(rows, plan),
     }
+
+
+def reference_size(metadata, fp32, train, info, bias_correction, equalize=False):
+    """Bytes of the file export.py writes for this checkpoint at W8A8 (with the file metadata
+    of its runs, sources.export_metadata), prepared as a run prepares one ([equalize,]
+    calibrate, bias correction, convert), on 32 training images since only the tensors' sizes
+    matter, in a temporary folder that is removed afterwards."""
+    loader = train.head(32).loader(info, 32, channels_last=True)
+    if equalize:  # its clamps' table is part of the file
+        fp32, _ = equalize_depthwise_inputs(fp32, loader, 1)
+    qmodel = quantize_model(fp32, (8, 8))
+    calibrate(qmodel, loader, "minmax", 1)  # the values do not change the size, only where
+    if bias_correction:                     # they lie: every layer's sign and scale count
+        bias_correct(qmodel, fp32, loader, 1)
+    convert(qmodel)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w8a8.safetensors")
+        return export_quantized(qmodel, path, {**metadata, "method": "ptq"})
+
+
+def size_model(metadata, fp32, train, info, bias_correction, equalize=False):
+    """Fixed bytes of this checkpoint's exported file: a real W8A8 export (prepared as a run
+    prepares one) minus its packed weights; a plan adds ceil(parameters x bits / 8) per layer."""
+    reference = reference_size(metadata, fp32, train, info, bias_correction, equalize)
+    names = set(quantized_layer_names(fp32))
+    return reference - sum(m.weight.numel() for n, m in weight_layers(fp32)
+                           if n in names)  # the packed weights, at 8 bits

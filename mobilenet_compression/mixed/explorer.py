@@ -196,7 +196,7 @@ def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size
     layers, fp32_bitops = layer_table(fp32, info.input_size, table)
 
     w8 = {l["name"]: (8, 8) for l in layers}
-    from .planner import reference_size
+    from ..deploy.size import reference_size
 
     reference = reference_size(export_metadata(ckpt, source_digest(ckpt, data_dir)), fp32,
                                train, info, bias_correction)

@@ -248,6 +248,20 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
         lock.release()
 
 
+def run_table(config):
+    """The sensitivity table a `--plan sensitivity` run plans with (a RunConfig): each layer
+    priced with the calibration it will get, its clip searched at the bits where
+    --calibration auto searches it (`loss` searches every layer, but at 4 bits and more it
+    ties with mse), else the run's own method; rounded and equalized as the run does."""
+    n = config.sensitivity_images  # 256 (the default) is the CLI's 2 x 128: the same cache
+    batches, batch_size = (n // 128, 128) if n % 128 == 0 else (1, n)
+    table, _ = sensitivity(
+        config.checkpoint, config.data_dir, batches, batch_size,
+        calibration="auto" if config.calibration in ("auto", "loss") else config.calibration,
+        rounding=config.weight_rounding, equalize=config.equalize,
+        options=config.source_options(), workers=config.workers)
+    return table
+
 def _quantized_names(model):
     from ..quant.precision import quantized_layer_names
 

@@ -20,19 +20,42 @@ all-2-bit and the FP32 BitOps of the model.
 """
 
 import math
-import os
-import tempfile
+import re
 
-from ..quant.bitops import adaptive_plan, bitops_report
-from ..config import ADAPTIVE_BUDGET, UNIFORM_BUDGET, budget_text
 from ..errors import UserError
-from ..quant.precision import QUANT_BITS, quantized_layer_names, uniform_plan
+from .bitops import adaptive_plan, bitops_report
+from .precision import QUANT_BITS, quantized_layer_names, uniform_plan, weight_layers
 
 GIGA = 1e9
 MIB = 2**20
 # Bytes kept free under a size budget for what the size prediction does not follow: the
 # digits of the offsets in the file's JSON header (0.01% of the file at most on the grid).
 SIZE_MARGIN = 1024
+
+
+# A --bitops_budget that names a uniform plan ("w4a4"): its BitOps are the budget.
+UNIFORM_BUDGET = re.compile(r"[wW]([2-8])[aA]([2-8])")
+# A --bitops_budget of "adaptive": the BitOps of the adaptive plan at --activation_bits, so
+# that a sweep puts --plan adaptive and a sensitivity plan of the same cost side by side
+# (--plan adaptive accepts this budget, its own, and no other).
+ADAPTIVE_BUDGET = "adaptive"
+
+
+def budget_text(value):
+    """A --bitops_budget as given ("1.2" GBitOps or "0.5x"), checked for form and sign here;
+    its range needs the model (parse_budget)."""
+    text = str(value).strip()
+    if UNIFORM_BUDGET.fullmatch(text) or text.lower() == ADAPTIVE_BUDGET:
+        return text.lower()
+    try:
+        number = float(text[:-1] if text.lower().endswith("x") else text)
+    except ValueError:
+        raise UserError(f"--bitops_budget must be a number of GBitOps, a fraction of the "
+                        f"W8A8 BitOps such as 0.5x, a uniform plan's such as w4a4, or "
+                        f"adaptive, got {value!r}.") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise UserError(f"--bitops_budget must be positive, got {value!r}.")
+    return text
 
 
 def parse_budget(text, model, input_size, activation_bits=8):
@@ -60,47 +83,10 @@ def parse_budget(text, model, input_size, activation_bits=8):
     return budget
 
 
-def reference_size(metadata, fp32, train, info, bias_correction, equalize=False):
-    """Bytes of the file export.py writes for this checkpoint at W8A8 (with the file metadata
-    of its runs, sources.export_metadata), prepared as run.py prepares a run ([equalize,]
-    calibrate, bias correction, convert), on 32 training images since only the tensors' sizes
-    matter, in a temporary folder that is removed afterwards."""
-    from ..deploy.export import export_quantized
-    from ..quant.bias_correction import bias_correct
-    from ..quant.calibrate import calibrate
-    from ..quant.convert import convert
-    from ..quant.equalize import equalize_depthwise_inputs
-    from ..quant.prepare import quantize_model
-
-    loader = train.head(32).loader(info, 32, channels_last=True)
-    if equalize:  # its clamps' table is part of the file
-        fp32, _ = equalize_depthwise_inputs(fp32, loader, 1)
-    qmodel = quantize_model(fp32, (8, 8))
-    calibrate(qmodel, loader, "minmax", 1)  # the values do not change the size, only where
-    if bias_correction:                     # they lie: every layer's sign and scale count
-        bias_correct(qmodel, fp32, loader, 1)
-    convert(qmodel)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w8a8.safetensors")
-        return export_quantized(qmodel, path, {**metadata, "method": "ptq"})
-
-
-def size_model(metadata, fp32, train, info, bias_correction, equalize=False):
-    """Fixed bytes of this checkpoint's exported file: a real W8A8 export (prepared as a run
-    prepares one) minus its packed weights; a plan adds ceil(parameters x bits / 8) per layer."""
-    from ..quant.precision import weight_layers
-
-    names = set(quantized_layer_names(fp32))
-    packed = sum(m.weight.numel() for n, m in weight_layers(fp32) if n in names)  # 8 bits
-    return reference_size(metadata, fp32, train, info, bias_correction, equalize) - packed
-
-
 def parse_size_budget(value, fixed, model):
     """Bytes from --size_budget_mb (MiB, as compressed_mb counts them); one UserError when no
     plan can fit (below the all-2-bit file) ."""
     names = set(quantized_layer_names(model))
-    from ..quant.precision import weight_layers
-
     low = fixed + sum(math.ceil(m.weight.numel() * 2 / 8) for n, m in weight_layers(model)
                       if n in names) + SIZE_MARGIN
     limit = value * MIB
@@ -113,8 +99,6 @@ def parse_size_budget(value, fixed, model):
 def packed_weight_bytes(model, names, bits=QUANT_BITS):
     """{(layer, weight bits): bytes of its packed weights, ceil(parameters x bits / 8)}: the
     part of the predicted file size each quantized layer adds."""
-    from ..quant.precision import weight_layers
-
     params = {n: m.weight.numel() for n, m in weight_layers(model)}
     return {(n, w): math.ceil(params[n] * w / 8) for n in names for w in bits}
 

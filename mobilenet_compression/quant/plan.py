@@ -2,41 +2,40 @@
 under a BitOps or size budget, which is then quantized beside the best uniform configuration
 within the same budget and kept only if it scores at least as high on validation images."""
 
-from ..quant.bitops import adaptive_plan
-from ..quant.precision import mean_bits
-from ..quant.prepare import precision_plan
-from ..quant.recipe import post_training_quantize
-from . import planner, sensitivity
+from . import planner
+from .bitops import adaptive_plan
+from .precision import mean_bits
+from .prepare import precision_plan
+from .recipe import post_training_quantize
 
-def run_plan(config, metadata, fp32, info, train):
-    """(the precision plan quantize_model takes, {"budget": BitOps or None, "size": (fixed
-    bytes, byte budget) or None, "table": the sensitivity table or None}); `metadata` is what
-    the run's exported file will record (sources.export_metadata), part of its size."""
-    none = {"budget": None, "size": None, "table": None}
-    if config.plan == "uniform":
-        return (config.weight_bits, config.activation_bits), none
-    if config.plan == "adaptive":
-        return adaptive_plan(fp32, info.input_size, config.activation_bits), none
-    budget = size = None
+NO_PLANNING = {"budget": None, "size": None, "table": None}
+
+
+def plan_budgets(config, fp32, info, fixed_bytes=None):
+    """The budget a sensitivity plan must meet, as {"budget": BitOps or None, "size": (fixed
+    bytes, byte budget) or None}; every bad budget is one UserError here, before the
+    sensitivities are measured. A size budget needs `fixed_bytes`, the bytes of the run's
+    file that do not depend on the plan (deploy.size.size_model)."""
+    if config.plan != "sensitivity":
+        return {"budget": None, "size": None}
     if config.bitops_budget:
-        budget = planner.parse_budget(config.bitops_budget, fp32, info.input_size,
-                                      config.activation_bits)
-    else:
-        fixed = planner.size_model(metadata, fp32, train, info, config.bias_correction,
-                                   config.equalize)
-        size = (fixed, planner.parse_size_budget(config.size_budget_mb, fixed, fp32))
-    n = config.sensitivity_images  # 256 (the default) is the CLI's 2 x 128: the same cache
-    batches, batch_size = (n // 128, 128) if n % 128 == 0 else (1, n)
-    # Each layer priced with the calibration it will get: its clip searched at the bits
-    # where --calibration auto searches it (`loss` searches every layer, but at 4 bits and
-    # more it ties with mse), else the run's own method.
-    table, _ = sensitivity.sensitivity(
-        config.checkpoint, config.data_dir, batches, batch_size,
-        calibration="auto" if config.calibration in ("auto", "loss") else config.calibration,
-        rounding=config.weight_rounding, equalize=config.equalize,
-        options=config.source_options(), workers=config.workers)
-    plan = planner.sensitivity_plan(fp32, info.input_size, table, budget, size=size)
-    return plan, {"budget": budget, "size": size, "table": table}
+        return {"budget": planner.parse_budget(config.bitops_budget, fp32, info.input_size,
+                                               config.activation_bits), "size": None}
+    return {"budget": None, "size": (fixed_bytes, planner.parse_size_budget(
+        config.size_budget_mb, fixed_bytes, fp32))}
+
+
+def run_plan(config, fp32, info, budgets, table):
+    """(the precision plan quantize_model takes, {"budget", "size": as plan_budgets gives
+    them, "table": the sensitivity table or None}): uniform bits, the adaptive rule, or the
+    plan of least summed sensitivity (mixed.sensitivity's `table`) within the budget."""
+    if config.plan == "uniform":
+        return (config.weight_bits, config.activation_bits), NO_PLANNING
+    if config.plan == "adaptive":
+        return adaptive_plan(fp32, info.input_size, config.activation_bits), NO_PLANNING
+    plan = planner.sensitivity_plan(fp32, info.input_size, table, budgets["budget"],
+                                    size=budgets["size"])
+    return plan, {**budgets, "table": table}
 
 
 def keep_plan_or_uniform(config, planned, planning, fp32, info, source, calib_loader, means,
