@@ -5,8 +5,16 @@ import copy
 import os
 import shutil
 
-import pytest
-import torch
+# Under pytest-xdist (`make test`: two workers on two cores) every process the suite starts
+# takes one thread, the workers and the runs and trainings they launch alike (they inherit
+# the variable, as the offline agent's runs do): two-thread processes on cores the other
+# worker keeps busy spin in OpenMP and run several times slower. Set before torch is
+# imported, which reads it then; a value the user exported wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from mobilenet_compression.data import DEBIAN_FASHION_MNIST, BatchLoader, load_dataset
 from mobilenet_compression.model import build_model
