@@ -2,8 +2,13 @@
 
 import contextlib
 import copy
+import hashlib
+import inspect
+import json
 import os
+import platform
 import shutil
+from pathlib import Path
 
 # Under pytest-xdist (`make test`: two workers on two cores) every process the suite starts
 # takes one thread, the workers and the runs and trainings they launch alike (they inherit
@@ -16,8 +21,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mobilenet_compression.data import DEBIAN_FASHION_MNIST, BatchLoader, load_dataset
-from mobilenet_compression.model import build_model
+from mobilenet_compression.data import DEBIAN_FASHION_MNIST, BatchLoader, load_dataset  # noqa: E402
+from mobilenet_compression.environment import cache_folder  # noqa: E402
+from mobilenet_compression.model import build_model  # noqa: E402
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
@@ -87,14 +93,30 @@ def _val_accuracy(state, info, val, n=2000):
     return 100.0 * correct / min(n, len(val))
 
 
+def _state_cache_path():
+    """Where the trained state dict is kept between test sessions and clones: the project's
+    cache folder (environment.cache_folder, beside the virtualenvs), keyed by the content of
+    everything that decides the weights: the recipe, the training code, torch's version and
+    the CPU (training is bit-identical on one machine, not across CPUs)."""
+    cpu = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "flags"):
+                cpu.setdefault(key.strip(), value.strip())
+    key = json.dumps([sorted(SMALL_MODEL_RECIPE.items()), inspect.getsource(_train_small_model),
+                      torch.__version__, sorted(cpu.items()), platform.machine()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(cache_folder("test-fixtures")) / f"fashion-mnist-small-{digest}.pt"
+
+
 @pytest.fixture(scope="session")
-def _fashion_mnist_state(fashion_mnist, request):
-    """State dict of the small trained model, kept in pytest's cache between sessions (keyed
-    on the recipe and the torch version) since training takes about a minute on 2 cores."""
+def _fashion_mnist_state(fashion_mnist):
+    """State dict of the small trained model, trained once per machine and code (about a
+    minute on 2 cores) and kept in the project's cache folder (`_state_cache_path`)."""
     info, train, val, _ = fashion_mnist
-    key = "-".join(f"{k}{v}" for k, v in sorted(SMALL_MODEL_RECIPE.items()))
-    key = f"{key}-torch{torch.__version__}".replace("/", "_")
-    path = request.config.cache.mkdir("mobilenet-compression") / f"fashion-mnist-{key}.pt"
+    path = _state_cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = None
     if path.exists():
         try:
@@ -103,7 +125,7 @@ def _fashion_mnist_state(fashion_mnist, request):
             pass
     if state is None:
         state = _train_small_model(info, train, SMALL_MODEL_RECIPE).state_dict()
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two workers may train at once
         torch.save(state, tmp)
         os.replace(tmp, path)
     val_acc = _val_accuracy(state, info, val)
