@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .quant.prepare import QUANT_LAYERS
+
 
 EVAL_BATCH_SIZE = 256
 
@@ -40,8 +42,6 @@ def fold_batchnorm(model):
     replaced by Identity. A quantized conv's weight is folded as its quantizer gives it (after
     `convert`, the quantized values themselves) and is not quantized again, so the copy
     computes the same function up to float rounding. `model` is left as it is."""
-    from .quant.prepare import QUANT_LAYERS
-
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):
         children = list(parent.named_children())

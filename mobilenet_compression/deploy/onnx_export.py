@@ -58,7 +58,11 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import atomic_write
+from ..quant.convert import batchnorm_factors
 from ..quant.output_grids import GridResidual, OutputGrid
+from ..quant.precision import INT16_MAX
+from ..quant.prepare import QUANT_LAYERS, quant_layers
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
@@ -77,8 +81,6 @@ def _onnx():
 def onnx_exportable(qmodel):
     """True when every quantized layer has weights and activations of at most 8 bits (what
     the issue's contract asks to export; a layer at 16/32 bits keeps the run torch-only)."""
-    from ..quant.prepare import quant_layers
-
     layers = quant_layers(qmodel)
     return bool(layers) and all(m.weight_quant.enabled and m.input_quant.enabled
                                 for _, m in layers)
@@ -158,9 +160,6 @@ class _Graph:
 
     def conv_or_linear(self, x, layer, bn, stem):
         """One Conv2d / Linear (quantized or FP32), with the BatchNorm after it folded."""
-        from ..quant.convert import batchnorm_factors
-        from ..quant.prepare import QUANT_LAYERS
-
         quantized = isinstance(layer, QUANT_LAYERS)
         weight = layer.weight.detach().double()
         out_ch = weight.shape[0]
@@ -335,8 +334,6 @@ def check_int16_pairs(proto):
     """Raise ValueError unless every integer layer's pair sums fit int16
     (`int16_pair_bounds`): then each of ONNX Runtime's int8 kernels (x86 with AVX2,
     AVX-512, VNNI or AMX, ARM) computes the same integers, the PyTorch model's."""
-    from ..quant.precision import INT16_MAX
-
     over = {k: v for k, v in int16_pair_bounds(proto).items() if v > INT16_MAX}
     if over:
         raise ValueError(f"integer layers whose u8 x s8 pair sums can pass {INT16_MAX} "
@@ -347,8 +344,6 @@ def export_onnx(model, path, input_shape, metadata=None):
     """Write `model` as ONNX (QDQ where quantized) to `path` atomically, with `metadata` (the
     run and its model's source, as the safetensors file has them) in the model's
     metadata_props; returns the proto."""
-    from ..files import atomic_write
-
     proto, _ = build_onnx(model, input_shape)
     if metadata:
         import onnx

@@ -32,7 +32,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import threads
+from ..config import parse_bool
+from ..deploy.size import orig_mb, reference_size
 from ..errors import ArgumentParser, UserError, cli
+from ..files import atomic_write
+from ..quant.bitops import bitops_report, block_of
+from ..quant.precision import quantized_layer_names, weight_layers
+from ..sources import (
+    add_arguments,
+    export_metadata,
+    load_data,
+    load_model,
+    options_from,
+    source_digest,
+)
+from ..sweep import results
+from .sensitivity import BITS, sensitivity
 
 MIB = 2**20
 SIZE_TOLERANCE = 0.001  # the size prediction is stated (and tested) within 0.1% of the file
@@ -46,10 +62,6 @@ def layer_table(model, input_size, table):
     """(layers, fp32_bitops): one dict per quantized layer in network order (name, block,
     macs, params: the weight's element count, w / a: its weight / activation KL at bits
     2..8), and the BitOps of the layers that stay FP32 (stem conv, classifier)."""
-    from ..quant.bitops import bitops_report, block_of
-    from ..quant.precision import quantized_layer_names, weight_layers
-    from .sensitivity import BITS
-
     names = quantized_layer_names(model)
     missing = [n for n in names if n not in table["weight"] or n not in table["activation"]]
     if missing:
@@ -68,8 +80,6 @@ def layer_table(model, input_size, table):
 def summed_kl(layers, plan):
     """The plan's additive sensitivity: sum over layers of weight KL + activation KL.
     `plan`: layer name -> (weight_bits, activation_bits)."""
-    from .sensitivity import BITS
-
     return sum(l["w"][BITS.index(plan[l["name"]][0])] + l["a"][BITS.index(plan[l["name"]][1])]
                for l in layers)
 
@@ -124,8 +134,6 @@ def read_runs(paths):
     label, uniform, method, weight_bits, activation_bits, quant_acc, baseline_acc, acc_drop,
     bitops, compressed_mb, bias_correction, weight_granularity (None where a column is
     missing)."""
-    from ..sweep import results
-
     out = []
     for path in paths:
         df = results.read_runs(path)
@@ -166,8 +174,6 @@ def _float(value):
 def fit_points(runs, layers):
     """(S, drop) of the uniform PTQ runs whose bits the sensitivity table has; each of those
     runs gets its S as r["kl"]."""
-    from .sensitivity import BITS
-
     points = []
     for r in runs:
         wb, ab = r["weight_bits"], r["activation_bits"]
@@ -181,10 +187,6 @@ def fit_points(runs, layers):
 def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size=128,
                   bias_correction=True, verbose=True, options=None, workers=None):
     """Everything the page needs, as a JSON-ready dict (the page computes the rest)."""
-    from ..sources import export_metadata, load_data, load_model, source_digest
-    from ..deploy.size import orig_mb
-    from .sensitivity import BITS, sensitivity
-
     ckpt, fp32 = load_model(checkpoint, options)
     runs = read_runs(runs_dirs)  # bad --runs fail here, before minutes of measuring
     if runs_dirs and not runs:
@@ -196,7 +198,6 @@ def explorer_data(checkpoint, data_dir=None, runs_dirs=(), batches=2, batch_size
     layers, fp32_bitops = layer_table(fp32, info.input_size, table)
 
     w8 = {l["name"]: (8, 8) for l in layers}
-    from ..deploy.size import reference_size
 
     reference = reference_size(export_metadata(ckpt, source_digest(ckpt, data_dir)), fp32,
                                train, info, bias_correction)
@@ -310,7 +311,6 @@ def get_args_parser():
                         "or torchvision:IMAGENET1K_V1 / torchvision:IMAGENET1K_V2")
     p.add_argument("--data_dir", default=None,
                    help="dataset folder (default: the one the checkpoint was trained from)")
-    from ..sources import add_arguments
     add_arguments(p.add_argument_group("a state dict's or torchvision:NAME's data"))
     p.add_argument("--runs", nargs="+", default=[], metavar="DIR",
                    help="sweep folders (each holding a runs.csv) of this checkpoint: drawn on "
@@ -325,7 +325,6 @@ def get_args_parser():
     p.add_argument("--bias_correction", default="true",
                    help="whether the sized files have bias correction, as runs do by default "
                         "(default: true)")
-    from .. import threads
     threads.add_argument(p)
     return p
 
@@ -347,17 +346,12 @@ def check_out(path):
 
 @cli
 def main(argv=None):
-    from .. import threads
-    from ..config import parse_bool
-    from ..files import atomic_write
-
     args = get_args_parser().parse_args(argv)
     out = check_out(args.out)
     if args.batches < 1 or args.batch_size < 1:
         raise UserError("--batches and --batch_size must be positive integers.")
     bias_correction = parse_bool(args.bias_correction, "--bias_correction")
     threads.set_threads(args.threads)
-    from ..sources import options_from
     data = explorer_data(args.checkpoint, args.data_dir, args.runs, args.batches,
                          args.batch_size, bias_correction, options=options_from(vars(args)),
                          workers=args.workers)

@@ -35,10 +35,19 @@ import time
 
 import torch
 
+from .. import threads
+from ..config import parse_bool
 from ..environment import cache_folder
 from ..errors import ArgumentParser, UserError, cli
 from ..files import atomic_write
+from ..quant.bitops import layer_stats
+from ..quant.calibrate import calibrate, default_calibration, training_batches
 from ..quant.divergence import best_clip, head, kl
+from ..quant.equalize import equalize_depthwise_inputs
+from ..quant.precision import quantized_layer_names
+from ..quant.prepare import quant_layers, quantize_model
+from ..quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, add_hessian, gptq_weight
+from ..sources import add_arguments, load_data, load_model, options_from, source_digest
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 VERSION = 2  # part of the cache key: bump when the measurement changes
@@ -62,7 +71,6 @@ class _Suffix:
     network runs: the whole table 2.3 times faster at width 1.0 (README), the same values
     bit for bit. Only for torchvision's MobileNetV2 layout (`features` blocks, average pool,
     `classifier`); any other model, or a layer outside `features`, runs whole."""
-
     def __init__(self, fp32, images):
         self.images = images
         self.inputs = None
@@ -92,8 +100,6 @@ class _Suffix:
 
 def _fp32_hessians(fp32, images, names):
     """{layer name: H of its FP32 inputs} (rounding.add_hessian) over `images`, one pass."""
-    from ..quant.rounding import add_hessian
-
     modules = dict(fp32.named_modules())
     hs, handles = {}, []
     for name in names:
@@ -121,10 +127,6 @@ def measure(fp32, loader, batches, bits=BITS, calibration="auto", progress=None,
     (default_calibration gives `loss`) the layer's clip moved to the candidate with
     the least KL (divergence.best_clip, as the run's clip search moves it); any other
     method is used as it is."""
-    from ..quant.calibrate import calibrate, default_calibration, training_batches
-    from ..quant.prepare import quant_layers, quantize_model
-    from ..quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, gptq_weight
-
     if rounding not in ROUNDINGS:
         raise UserError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}.")
 
@@ -197,7 +199,6 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
     images, as runs with --equalize true quantize it. Returns (table, cached: bool)."""
     from filelock import FileLock
 
-    from ..sources import load_data, load_model, source_digest
 
     # every way the checkpoint is wrong is a UserError
     ckpt, fp32 = load_model(checkpoint, options)
@@ -233,8 +234,6 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
         if equalize:
-            from ..quant.equalize import equalize_depthwise_inputs
-
             fp32, _ = equalize_depthwise_inputs(fp32, loader, batches)
         table = measure(fp32, loader, batches, bits, calibration, tick, rounding)
         table.update(checkpoint=checkpoint, checkpoint_sha256=digest, images=batches *
@@ -262,15 +261,12 @@ def run_table(config):
         options=config.source_options(), workers=config.workers)
     return table
 
-def _quantized_names(model):
-    from ..quant.precision import quantized_layer_names
 
+def _quantized_names(model):
     return quantized_layer_names(model)
 
 
 def _macs(model, input_size):
-    from ..quant.bitops import layer_stats
-
     return {r["name"]: r["macs"] for r in layer_stats(model, input_size)}
 
 
@@ -322,7 +318,6 @@ def main(argv=None):
                         "or torchvision:IMAGENET1K_V1 / torchvision:IMAGENET1K_V2")
     p.add_argument("--data_dir", default=None,
                    help="dataset folder (default: the one the checkpoint was trained from)")
-    from ..sources import add_arguments, options_from
     add_arguments(p.add_argument_group("a state dict's or torchvision:NAME's data"))
     p.add_argument("--batches", type=int, default=2, help="training batches (default: 2)")
     p.add_argument("--batch_size", type=int, default=128, help="images per batch (default: "
@@ -344,12 +339,10 @@ def main(argv=None):
     p.add_argument("--heatmap", default=None, help="write the layer x bits heat map here (PNG)")
     p.add_argument("--cache_dir", default=None, help="cache folder (default: "
                    "$MOBILENET_COMPRESSION_CACHE/sensitivity or ~/.cache/...)")
-    from .. import threads
     threads.add_argument(p)
     args = p.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1:
         raise UserError("--batches and --batch_size must be positive integers.")
-    from ..config import parse_bool
 
     equalize = parse_bool(args.equalize, "--equalize")
     threads.set_threads(args.threads)

@@ -33,6 +33,8 @@ import copy
 import torch
 from torch import nn
 
+from .calibrate import training_batches
+
 # The largest factor a channel is scaled by: a channel that the calibration images barely
 # wake (m_c under R / 1000) is left with a 1000 times finer range rather than a huge one.
 MAX_FACTOR = 1000.0
@@ -75,8 +77,6 @@ def depthwise_input_maxes(model, loader, num_batches):
     """[per-channel max, ...] of every depthwise conv's input (`depthwise_inputs` order) over
     `num_batches` batches of `loader` (training images: the calibration images). Depends on
     nothing but the FP32 model and those images, so a sweep's runs can share it (fp32_stats)."""
-    from .calibrate import training_batches
-
     total = training_batches(loader, num_batches, "equalization")
     sites = depthwise_inputs(model)
     maxes, hooks = [None] * len(sites), []
