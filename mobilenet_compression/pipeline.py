@@ -217,7 +217,6 @@ def run_splits(config, data, device):
             test.head(config.max_eval_samples).to(device))
 
 
-
 def plan_step(d):
     """The run's precision plan and its planning (quant/plan.py): a budget no plan meets
     fails first, before the sensitivities are measured and before anything is written."""
@@ -229,6 +228,7 @@ def plan_step(d):
     budgets = plan_budgets(config, d.fp32, d.info, fixed)
     table = run_table(config) if config.plan == "sensitivity" else None
     return run_plan(config, d.fp32, d.info, budgets, table)
+
 
 def baseline_accuracy(model, test, info, cache_dir, key):
     """FP32 test accuracy of the checkpoint, measured once per (checkpoint, test set) and

@@ -143,7 +143,7 @@ def measure(fp32, loader, batches, bits=BITS, calibration="auto", progress=None,
     out = {"layers": None, "weight": {}, "activation": {}}
     hessians = None
     if rounding == "gptq" and any(b <= GPTQ_MAX_BITS for b in bits):
-        names = list(_quantized_names(fp32))
+        names = list(quantized_layer_names(fp32))
         hessians = _fp32_hessians(fp32, images[0][:GPTQ_IMAGES], names)
     for b in bits:
         wq = quantize_model(fp32, (b, 32)).eval()  # every layer's weights at b bits...
@@ -199,7 +199,6 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
     images, as runs with --equalize true quantize it. Returns (table, cached: bool)."""
     from filelock import FileLock
 
-
     # every way the checkpoint is wrong is a UserError
     ckpt, fp32 = load_model(checkpoint, options)
     digest = source_digest(ckpt, data_dir)
@@ -224,7 +223,7 @@ def sensitivity(checkpoint, data_dir=None, batches=2, batch_size=128, bits=BITS,
         info, train, _, _ = load_data(ckpt, data_dir, workers)
         loader = train.head(batches * batch_size).loader(info, batch_size, channels_last=True)
         steps = [0]
-        count = 2 * len(bits) * sum(1 for _ in _quantized_names(fp32))
+        count = 2 * len(bits) * sum(1 for _ in quantized_layer_names(fp32))
         t0 = time.perf_counter()
 
         def tick():
@@ -260,10 +259,6 @@ def run_table(config):
         rounding=config.weight_rounding, equalize=config.equalize,
         options=config.source_options(), workers=config.workers)
     return table
-
-
-def _quantized_names(model):
-    return quantized_layer_names(model)
 
 
 def _macs(model, input_size):

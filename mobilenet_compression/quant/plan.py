@@ -8,9 +8,6 @@ from .precision import mean_bits
 from .prepare import precision_plan
 from .recipe import post_training_quantize
 
-NO_PLANNING = {"budget": None, "size": None, "table": None}
-
-
 def plan_budgets(config, fp32, info, fixed_bytes=None):
     """The budget a sensitivity plan must meet, as {"budget": BitOps or None, "size": (fixed
     bytes, byte budget) or None}; every bad budget is one UserError here, before the
@@ -30,11 +27,12 @@ def run_plan(config, fp32, info, budgets, table):
     them, "table": the sensitivity table or None}): uniform bits, the adaptive rule, or the
     plan of least summed sensitivity (mixed.sensitivity's `table`) within the budget."""
     if config.plan == "uniform":
-        return (config.weight_bits, config.activation_bits), NO_PLANNING
-    if config.plan == "adaptive":
-        return adaptive_plan(fp32, info.input_size, config.activation_bits), NO_PLANNING
-    plan = planner.sensitivity_plan(fp32, info.input_size, table, budgets["budget"],
-                                    size=budgets["size"])
+        plan = (config.weight_bits, config.activation_bits)
+    elif config.plan == "adaptive":
+        plan = adaptive_plan(fp32, info.input_size, config.activation_bits)
+    else:
+        plan = planner.sensitivity_plan(fp32, info.input_size, table, budgets["budget"],
+                                        size=budgets["size"])
     return plan, {**budgets, "table": table}
 
 
