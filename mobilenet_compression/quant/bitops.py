@@ -144,23 +144,29 @@ def bitops_report(model, input_size, plan):
     weight_bitops; totals has exactly macs, bitops, bitops_fp32, weight_bitops. Layers not in
     plan are FP32 (32 x 32). A plan naming anything but a Conv2d/Linear of the model is an
     error, since a typo would otherwise silently leave a layer in FP32."""
-    rows = layer_stats(model, input_size)
     known = {n for n, _ in weight_layers(model)}
     unknown = sorted(set(plan) - known)
     if unknown:
         raise UserError(f"the plan names layers the model does not have: {', '.join(unknown)}.")
+    return plan_bitops(layer_stats(model, input_size), plan)
+
+
+def plan_bitops(stats, plan):
+    """bitops_report over rows that layer_stats already measured (left as they are): pricing
+    many plans of one model (the planner's budgets and uniform rivals) then costs one forward
+    instead of one per plan."""
     for name, (wb, ab) in plan.items():
         check_bits(wb, f"the weight bits of {name}")
         check_bits(ab, f"the activation bits of {name}")
-    totals = dict.fromkeys(TOTAL_KEYS, 0)
-    for r in rows:
+    rows, totals = [], dict.fromkeys(TOTAL_KEYS, 0)
+    for r in stats:
         wb, ab = plan.get(r["name"], (FP32, FP32))
-        r.update(weight_bits=wb, activation_bits=ab,
-                 bitops=r["macs"] * wb * ab, weight_bitops=r["macs"] * wb)
+        rows.append({**r, "weight_bits": wb, "activation_bits": ab,
+                     "bitops": r["macs"] * wb * ab, "weight_bitops": r["macs"] * wb})
         totals["macs"] += r["macs"]
-        totals["bitops"] += r["bitops"]
+        totals["bitops"] += r["macs"] * wb * ab
         totals["bitops_fp32"] += r["macs"] * FP32 * FP32
-        totals["weight_bitops"] += r["weight_bitops"]
+        totals["weight_bitops"] += r["macs"] * wb
     return rows, totals
 
 

@@ -23,7 +23,7 @@ import math
 import re
 
 from ..errors import UserError
-from .bitops import adaptive_plan, bitops_report
+from .bitops import adaptive_plan, bitops_report, layer_stats, plan_bitops
 from .precision import QUANT_BITS, quantized_layer_names, uniform_plan, weight_layers
 
 GIGA = 1e9
@@ -65,15 +65,16 @@ def parse_budget(text, model, input_size, activation_bits=8):
     if raw == ADAPTIVE_BUDGET:
         return bitops_report(model, input_size, adaptive_plan(model, input_size,
                                                               activation_bits))[1]["bitops"]
+    stats = layer_stats(model, input_size)
     match = UNIFORM_BUDGET.fullmatch(raw)
     if match:  # the BitOps of the uniform plan WxAy: its mixed-precision rival
         w, a = int(match[1]), int(match[2])
-        return bitops_report(model, input_size, uniform_plan(model, w, a))[1]["bitops"]
+        return plan_bitops(stats, uniform_plan(model, w, a))[1]["bitops"]
     value = float(raw[:-1]) if raw.lower().endswith("x") else float(raw)
-    w8a8 = bitops_report(model, input_size, uniform_plan(model, 8, 8))[1]["bitops"]
+    w8a8 = plan_bitops(stats, uniform_plan(model, 8, 8))[1]["bitops"]
     budget = value * w8a8 if raw.lower().endswith("x") else value * GIGA
-    low = bitops_report(model, input_size, uniform_plan(model, 2, 2))[1]["bitops"]
-    high = bitops_report(model, input_size, {})[1]["bitops"]  # all FP32
+    low = plan_bitops(stats, uniform_plan(model, 2, 2))[1]["bitops"]
+    high = plan_bitops(stats, {})[1]["bitops"]  # all FP32
     if budget < low:
         raise UserError(f"--bitops_budget {text} ({budget / GIGA:.4f} GBitOps) is below the "
                         f"all-2-bit model's {low / GIGA:.4f} GBitOps: no plan fits.")
@@ -156,6 +157,7 @@ def best_uniform(model, input_size, table, budget=None, size=None, bits=QUANT_BI
     sensitivity_plan predicts it); None when no uniform plan fits."""
     names = quantized_layer_names(model)
     packed = packed_weight_bytes(model, names, bits) if size is not None else None
+    stats = layer_stats(model, input_size) if budget is not None else None
     best, best_cost = None, math.inf
     for w in bits:
         for a in bits:
@@ -163,8 +165,8 @@ def best_uniform(model, input_size, table, budget=None, size=None, bits=QUANT_BI
                        for n in names)
             if cost >= best_cost:
                 continue
-            if budget is not None and bitops_report(
-                    model, input_size, uniform_plan(model, w, a))[1]["bitops"] > budget:
+            if budget is not None and plan_bitops(
+                    stats, uniform_plan(model, w, a))[1]["bitops"] > budget:
                 continue
             if size is not None:
                 fixed, limit = size
