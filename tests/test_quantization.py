@@ -291,6 +291,28 @@ def test_percentile_and_mse_clip_below_minmax(fashion_mnist_model, fashion_mnist
         assert (scales[method] < 0.9 * scales["minmax"]).any(), method
 
 
+def test_mse_clip_is_the_ratio_whose_fake_quantization_errs_least():
+    # _mse_clip computes each candidate in one reused buffer; its choice must be exactly the
+    # one fake_quantize's own errors give, for activations (one row) and per-channel weights.
+    from mobilenet_compression.quant.fake_quant import MIN_SCALE, MSE_RATIOS
+    from mobilenet_compression.quant.quantizers import _mse_clip
+
+    g = torch.Generator().manual_seed(0)
+    for rows, n, qmin, qmax in ((1, 50_000, 0, 15), (1, 50_000, -8, 7), (16, 288, -7, 7),
+                                (8, 9, -127, 127)):
+        x = torch.randn(rows, n, generator=g) * 3
+        if qmin == 0:
+            x = x.abs()
+        absmax = x.abs().amax(1)
+        clips = absmax[None, :] * MSE_RATIOS[:, None]  # (ratios, rows)
+        errors = torch.stack([((fake_quantize(x, (c / qmax).clamp_min(MIN_SCALE), qmin, qmax,
+                                              axis=0) - x) ** 2).sum(1) for c in clips])
+        expected = clips[errors.argmin(0), torch.arange(rows)]
+        assert torch.equal(_mse_clip(x, absmax, qmin, qmax), expected)
+        if qmax <= 15:  # at 4 bits the search really moves a clip below the maximum
+            assert (expected < absmax).any()
+
+
 def test_in_place_activation_quantization_gives_the_same_logits(
         fashion_mnist_model, fashion_mnist):
     qmodel = quantized(fashion_mnist_model, fashion_mnist, 4, 4)
