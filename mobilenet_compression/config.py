@@ -10,17 +10,18 @@ import numbers
 from dataclasses import dataclass
 
 from .errors import UserError
-from .sources import ARCHS, DATASETS, options_from, parse_floats
-from .quant.calibrate import default_calibration
-from .quant.fake_quant import (
+from .quant.choices import (
+    ADAPTIVE_BUDGET,
     CALIBRATION_METHODS,
+    ROUNDINGS,
     WEIGHT_GRANULARITIES,
     WEIGHT_METHODS,
+    budget_text,
     check_choice,
+    default_calibration,
 )
-from .quant.planner import ADAPTIVE_BUDGET, budget_text
 from .quant.precision import check_bits, is_fp32
-from .quant.rounding import ROUNDINGS
+from .source_options import ARCHS, DATASETS, options_from, parse_floats
 
 METHODS = ("ptq", "qat")
 # Who measures quant_acc: PyTorch's fake-quantized model, or ONNX Runtime running the

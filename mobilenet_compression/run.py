@@ -22,15 +22,7 @@ import uuid
 
 from . import threads
 from . import sources
-from .config import (
-    CALIBRATIONS,
-    ENGINES,
-    METHODS,
-    PLANS,
-    WEIGHT_GRANULARITIES,
-    WEIGHT_METHODS,
-    RunConfig,
-)
+from .config import CALIBRATIONS, ENGINES, METHODS, PLANS, RunConfig
 from .errors import ArgumentParser, UserError, cli
 from .pipeline import (
     AGREEMENT_IMAGES,
@@ -39,7 +31,7 @@ from .pipeline import (
     load_inputs,
     quantize_and_measure,
 )
-from .quant.rounding import ROUNDINGS
+from .quant.choices import ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_METHODS
 from .signals import StopFlag, Stopped
 from .sweep import results
 from .tracking import WANDB_MODES, init_run, resolve_mode

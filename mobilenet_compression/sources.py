@@ -17,9 +17,7 @@ Every source ends as the same `ckpt` dict the rest of the code reads (`arch`, `d
 import dataclasses
 import hashlib
 import json
-import math
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -35,48 +33,14 @@ from .data import load_dataset
 from .errors import UserError
 from .image_folder import default_workers, load_image_folder, preprocess_of
 from .model import build_model
+from .source_options import ARCHS, DATASETS, FOLDER_DATASETS, SourceOptions
 
 TORCHVISION = "torchvision:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The image-folder datasets: `imagenet` is `imagefolder` with ImageNet's 1,000 classes.
-FOLDER_DATASETS = ("imagefolder", "imagenet")
-ARCHS = ("imagenet", "cifar")
-DATASETS = (*TENSOR_DATASETS, *FOLDER_DATASETS)
 # Width multipliers tried against a state dict's shapes, in steps of 0.05 (every published
 # MobileNetV2 width is one of them); widths that build the same shapes build the same network.
 WIDTHS = tuple(round(0.05 * k, 2) for k in range(1, 61))
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """What a state dict cannot say about itself: flags of every command that loads a model.
-    None means the default (ImageNet's preprocessing, torchvision's ImageNet architecture)."""
-    dataset: str | None = None
-    arch: str | None = None
-    num_classes: int | None = None
-    input_size: int | None = None
-    resize_size: int | None = None
-    mean: tuple | None = None
-    std: tuple | None = None
-
-    def given(self):
-        return [f"--{f.name}" for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None]
-
-
-def parse_floats(value, flag):
-    """(0.485, 0.456, 0.406) from "0.485,0.456,0.406", a yaml list or one number."""
-    if value is None or value == "":
-        return None
-    items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
-    try:
-        numbers = tuple(float(x) for x in items)
-    except (TypeError, ValueError):
-        raise UserError(f"{flag} must be numbers separated by commas, got {value!r}.") from None
-    if not numbers or not all(math.isfinite(x) for x in numbers):
-        raise UserError(f"{flag} must be numbers separated by commas, got {value!r}.")
-    return numbers
 
 
 def add_arguments(g):
@@ -112,14 +76,6 @@ def _shape_arguments(g):
     g.add_argument("--input_size", type=int, default=None,
                    help="with a state dict: the side of the center crop the network sees "
                         "(default: 224)")
-
-
-def options_from(values):
-    """SourceOptions from a dict of flags (or a RunConfig's fields)."""
-    options = {f.name: values.get(f.name) for f in dataclasses.fields(SourceOptions)}
-    for name in ("mean", "std"):
-        options[name] = parse_floats(options[name], f"--{name}")
-    return SourceOptions(**options)
 
 
 def load_model(spec, options=None):

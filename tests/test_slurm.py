@@ -88,6 +88,25 @@ def test_list_numbers_the_grid_and_index_runs_that_run_once(tmp_path, env):
     assert len(evaluations(tmp_path)) == 4 and len(rows(res)) == 4
 
 
+def test_listing_a_grid_checks_its_runs_without_loading_torch(tmp_path, env):
+    """A job array's tasks and --list check every parameter by the runs' own rules
+    (config.py) before anything starts; that takes plain values only, so no task pays for
+    importing torch (about 3 of its 5 seconds before) just to launch its run."""
+    write_yaml(tmp_path / "grid.yaml", GRID_2X2)
+    out = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "sweep.py"), "--sweep",
+                          "grid.yaml", "--list", "--results_dir", str(tmp_path / "res")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "mobilenet_compression.config" in imported  # the parameters were checked...
+    assert not {"torch", "torchvision"} & imported  # ...without the engine
+    # and a bad value is still the runs' own error, before anything is written
+    write_yaml(tmp_path / "bad.yaml", {"weight_bits": {"values": [8, 1]}})
+    one_error_line(sweep(["--sweep", "bad.yaml", "--list", "--results_dir",
+                          str(tmp_path / "r3")], tmp_path, env), "parameter weight_bits")
+
+
 def test_index_bad_input_is_one_error_line_and_writes_nothing(tmp_path, env):
     write_yaml(tmp_path / "grid.yaml", GRID_2X2)
     write_yaml(tmp_path / "random.yaml", {"weight_bits": {"values": [8, 4]}}, method="random")

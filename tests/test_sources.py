@@ -16,7 +16,8 @@ import torch
 from mobilenet_compression.data import DATASETS
 from mobilenet_compression.deploy.export import read_quantized
 from mobilenet_compression.image_folder import FolderSplit, load_image_folder
-from mobilenet_compression.sources import SourceOptions, load_model, preprocess_of
+from mobilenet_compression.source_options import TENSOR_DATASET_NAMES, SourceOptions
+from mobilenet_compression.sources import load_model, preprocess_of
 from tests.image_folders import (
     save_torchvision_state_dict,
     write_fashion_mnist_pngs,
@@ -244,6 +245,12 @@ def test_a_state_dict_of_a_train_py_checkpoint_keeps_its_flags_apart(small_check
 
     with pytest.raises(UserError, match="drop --dataset"):
         load_model(str(small_checkpoint), SourceOptions(dataset="imagefolder"))
+
+
+def test_the_configuration_names_the_datasets_the_loaders_have():
+    # config.py checks --dataset against source_options' names (no torch there); the tensor
+    # datasets themselves are data.py's.
+    assert TENSOR_DATASET_NAMES == tuple(DATASETS)
 
 
 def test_folder_split_head_is_class_balanced_and_fixed(jpegs):

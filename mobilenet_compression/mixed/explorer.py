@@ -39,14 +39,8 @@ from ..errors import ArgumentParser, UserError, cli
 from ..files import atomic_write
 from ..quant.bitops import bitops_report, block_of
 from ..quant.precision import quantized_layer_names, weight_layers
-from ..sources import (
-    add_arguments,
-    export_metadata,
-    load_data,
-    load_model,
-    options_from,
-    source_digest,
-)
+from ..source_options import options_from
+from ..sources import add_arguments, export_metadata, load_data, load_model, source_digest
 from ..sweep import results
 from .sensitivity import BITS, sensitivity
 

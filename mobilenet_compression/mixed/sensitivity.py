@@ -41,13 +41,15 @@ from ..environment import cache_folder
 from ..errors import ArgumentParser, UserError, cli
 from ..files import atomic_write
 from ..quant.bitops import layer_stats
-from ..quant.calibrate import calibrate, default_calibration, training_batches
+from ..quant.calibrate import calibrate, training_batches
+from ..quant.choices import ROUNDINGS, default_calibration
 from ..quant.divergence import best_clip, head, kl
 from ..quant.equalize import equalize_depthwise_inputs
 from ..quant.precision import quantized_layer_names
 from ..quant.prepare import quant_layers, quantize_model
-from ..quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, ROUNDINGS, add_hessian, gptq_weight
-from ..sources import add_arguments, load_data, load_model, options_from, source_digest
+from ..quant.rounding import GPTQ_IMAGES, GPTQ_MAX_BITS, add_hessian, gptq_weight
+from ..source_options import options_from
+from ..sources import add_arguments, load_data, load_model, source_digest
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 VERSION = 2  # part of the cache key: bump when the measurement changes

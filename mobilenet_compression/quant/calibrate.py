@@ -5,7 +5,8 @@ import itertools
 import torch
 
 from ..errors import UserError
-from .fake_quant import ACT_SAMPLE_SIZE, CALIBRATION_METHODS, check_choice
+from .choices import CALIBRATION_METHODS, check_choice
+from .fake_quant import ACT_SAMPLE_SIZE
 from .prepare import act_quantizers
 
 
@@ -74,18 +75,3 @@ def calibrate(qmodel, loader, method="minmax", num_batches=None, seed=0):
 def calibration_batch(loader, num_batches, what):
     total = training_batches(loader, num_batches, what)
     return torch.cat([x for x, _ in itertools.islice(iter(loader), total)])
-
-
-# --calibration auto: activations of this many bits or fewer get the clip search.
-LOSS_MAX_BITS = 3
-
-
-def default_calibration(activation_bits):
-    """--calibration auto (the default), for one layer's or one uniform run's activation
-    bits: `loss` (clip_search.py) for activations of LOSS_MAX_BITS or fewer, where each
-    input's own least squared error chose clips that broke the network
-    (W8A3 31.15% mean over three 30-epoch seeds with `mse`, 85.26% with `loss`; W8A2 38.49%
-    against 75.96% on the width-1.0 checkpoint), and `mse` at 4 bits and more, where the two
-    tied on those seeds (mean differences -0.22 to +0.41 point a cell, either sign), so the
-    search's time would buy nothing (README)."""
-    return "loss" if activation_bits <= LOSS_MAX_BITS else "mse"

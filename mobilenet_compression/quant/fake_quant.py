@@ -4,11 +4,6 @@ of a weight."""
 
 import torch
 
-from ..errors import UserError
-
-WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-WEIGHT_METHODS = ("minmax", "mse")
-CALIBRATION_METHODS = ("minmax", "percentile", "mse", "loss")
 PERCENTILE = 99.99
 # Candidate clipping ratios for the MSE searches: 1% steps of the observed absmax.
 MSE_RATIOS = torch.linspace(0.01, 1.0, 100)
@@ -16,14 +11,6 @@ MSE_RATIOS = torch.linspace(0.01, 1.0, 100)
 # a uniform random sample (seeded), since whole activation tensors do not fit in memory.
 ACT_SAMPLE_SIZE = 1 << 18
 MIN_SCALE = 1e-12  # an all-zero channel or tensor still gets a finite, positive scale
-
-
-
-def check_choice(value, choices, flag):
-    if value not in choices:
-        raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
-    return value
-
 
 
 def fake_quantize(x, scale, qmin, qmax, axis=None, zero_point=None, impl="auto",

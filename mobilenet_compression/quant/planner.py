@@ -20,10 +20,10 @@ all-2-bit and the FP32 BitOps of the model.
 """
 
 import math
-import re
 
 from ..errors import UserError
 from .bitops import adaptive_plan, bitops_report, layer_stats, plan_bitops
+from .choices import ADAPTIVE_BUDGET, UNIFORM_BUDGET, budget_text
 from .precision import QUANT_BITS, quantized_layer_names, uniform_plan, weight_layers
 
 GIGA = 1e9
@@ -31,31 +31,6 @@ MIB = 2**20
 # Bytes kept free under a size budget for what the size prediction does not follow: the
 # digits of the offsets in the file's JSON header (0.01% of the file at most on the grid).
 SIZE_MARGIN = 1024
-
-
-# A --bitops_budget that names a uniform plan ("w4a4"): its BitOps are the budget.
-UNIFORM_BUDGET = re.compile(r"[wW]([2-8])[aA]([2-8])")
-# A --bitops_budget of "adaptive": the BitOps of the adaptive plan at --activation_bits, so
-# that a sweep puts --plan adaptive and a sensitivity plan of the same cost side by side
-# (--plan adaptive accepts this budget, its own, and no other).
-ADAPTIVE_BUDGET = "adaptive"
-
-
-def budget_text(value):
-    """A --bitops_budget as given ("1.2" GBitOps or "0.5x"), checked for form and sign here;
-    its range needs the model (parse_budget)."""
-    text = str(value).strip()
-    if UNIFORM_BUDGET.fullmatch(text) or text.lower() == ADAPTIVE_BUDGET:
-        return text.lower()
-    try:
-        number = float(text[:-1] if text.lower().endswith("x") else text)
-    except ValueError:
-        raise UserError(f"--bitops_budget must be a number of GBitOps, a fraction of the "
-                        f"W8A8 BitOps such as 0.5x, a uniform plan's such as w4a4, or "
-                        f"adaptive, got {value!r}.") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise UserError(f"--bitops_budget must be positive, got {value!r}.")
-    return text
 
 
 def parse_budget(text, model, input_size, activation_bits=8):

@@ -12,10 +12,7 @@ its flags again.
 
 import numbers
 
-from torch import nn
-
 from ..errors import UserError
-from ..model import classifier_name, first_conv_name
 
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP32_BITS = (16, 32)
@@ -85,13 +82,21 @@ def weight_range(weight_bits, activation_bits):
     return qmin, qmax
 
 
+# The bit-width rules above are plain values, checked without torch (config.py); the layer
+# rules below take a model, so torch is loaded by then and imported where they need it.
+
+
 def weight_layers(model):
     """(name, module) of every Conv2d and Linear, in module order."""
+    from torch import nn
+
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def fp32_layer_names(model):
     """The stem conv and the classifier: they stay FP32 (DESIGN.md, Definitions)."""
+    from ..model import classifier_name, first_conv_name
+
     return {first_conv_name(model), classifier_name(model)}
 
 

@@ -7,7 +7,7 @@ import operator
 import torch
 from torch import nn
 
-from .fake_quant import WEIGHT_GRANULARITIES, WEIGHT_METHODS, check_choice
+from .choices import WEIGHT_GRANULARITIES, WEIGHT_METHODS, check_choice
 from .precision import check_plan, quantized_layer_names, uniform_plan
 from .quantizers import ActQuantizer, WeightQuantizer
 

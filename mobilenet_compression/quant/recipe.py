@@ -12,7 +12,8 @@ the choices a run's config makes between them. What each step does is in its own
 QAT (qat.train_qat) and convert.convert follow in run.py."""
 
 from .bias_correction import bias_correct, bias_correct_if_better
-from .calibrate import calibrate, default_calibration
+from .calibrate import calibrate
+from .choices import default_calibration
 from .clip_search import search_clips_if_better
 from .precision import is_fp32
 from .prepare import precision_plan, quantize_model

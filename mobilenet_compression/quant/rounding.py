@@ -29,7 +29,6 @@ from torch import nn
 from .calibrate import training_batches
 from .prepare import QUANT_LAYERS
 
-ROUNDINGS = ("nearest", "gptq")
 DAMP = 0.01  # GPTQ's default: 1% of the mean diagonal of H added to it
 # Calibration images the layer inputs are collected on. On validation images (BC off, two
 # checkpoints, W{4,3} x A{8,4}) 128, 256 and 512 rounded as well as each other (differences
