@@ -4,10 +4,14 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import io
 import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 # Under pytest-xdist (`make test`: two workers on two cores) every process the suite starts
@@ -46,6 +50,47 @@ def torch_threads(n):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def run_main(main, argv, cwd, env):
+    """Run a command's `main(argv)` in this process as `python COMMAND ARGV` would run, in
+    `cwd` with the environment `env`, and return a subprocess.CompletedProcess (returncode,
+    stdout, stderr). For a bad-input check (exit 2, one `error:` line, nothing written) a
+    fresh interpreter adds nothing but ~4 s of importing torch; one case per command stays a
+    real subprocess, for the entry point and a real process's exit status and stderr. Other
+    exceptions are not caught: a traceback fails the test, as it would on stderr."""
+    env, out, err = dict(env), io.StringIO(), io.StringIO()
+    old_cwd, old_env, old_threads = os.getcwd(), dict(os.environ), torch.get_num_threads()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    try:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            # pytest records warnings; a process prints them on stderr (a second line there),
+            # filtered as Python does by default.
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                             ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = show_warning
+            try:
+                code = main(list(argv))
+            except SystemExit as e:
+                code = e.code
+            if code is not None and not isinstance(code, int):  # sys.exit("message")
+                print(code, file=sys.stderr)
+                code = 1
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        torch.set_num_threads(old_threads)
+    return subprocess.CompletedProcess(list(argv), code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

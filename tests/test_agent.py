@@ -8,6 +8,7 @@ it speaks the same contract (parameters from wandb.config, summary keys, one run
 mobilenet_compression.sweep.results) in a second instead of a minute.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from tests.conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +91,15 @@ def write_yaml(path, parameters, method="grid", command=("${env}", "${interprete
 def sweep(args, cwd, env, timeout=120):
     return subprocess.run([sys.executable, str(REPO / "sweep.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def sweep_in_process(args, cwd, env):
+    """What sweep() runs, as sweep.py's `main` in this process (conftest.run_main), with the
+    same cwd and environment; only for a sweep that fails before its first run starts."""
+    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # sweep.py is not on sys.path
+    return run_main(script.main, args, cwd, env)
 
 
 def offline_runs(wandb_dir):
@@ -315,6 +327,20 @@ def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env, signum)
     assert left == []
 
 
+def check_broken_yaml(run, tmp_path, env, text, extra, message):
+    """`run` (sweep or sweep_in_process) of the yaml `text` (None: no file): exit status 2,
+    one `error:` line that says `message`, no results folder."""
+    path = tmp_path / "broken.yaml"
+    if text is not None:
+        path.write_text(text)
+    out = run(["--sweep", str(path), "--results_dir", "res", *extra], tmp_path, env)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "res").exists()
+
+
 @pytest.mark.parametrize("text, extra, message", [
     ("method: grid\nparameters: [weight_bits\n", [], "is not valid YAML at line"),
     ("method: grid\nparameters:\n  weight_bits:\n    valuez: [8]\n", [],
@@ -342,15 +368,16 @@ def test_ctrl_c_stops_the_runs_and_keeps_finished_results(tmp_path, env, signum)
      ["--count", "2"], "parameter calibration: --calibration"),
 ])
 def test_broken_sweep_yaml_is_one_clear_error(tmp_path, env, text, extra, message):
-    path = tmp_path / "broken.yaml"
-    if text is not None:
-        path.write_text(text)
-    out = sweep(["--sweep", str(path), "--results_dir", "res", *extra], tmp_path, env)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    assert message in lines[0]
-    assert not (tmp_path / "res").exists()
+    check_broken_yaml(sweep_in_process, tmp_path, env, text, extra, message)
+
+
+def test_broken_sweep_yaml_in_a_real_process_is_one_clear_error(tmp_path, env):
+    """A case of the test above again as a real `python sweep.py --sweep` (that test calls
+    its main in this process): the entry point, a real process's exit status and stderr, and
+    W&B's sweeps package imported there without a warning."""
+    check_broken_yaml(sweep, tmp_path, env,
+                      "method: grid\nparameters:\n  weight_bits:\n    valuez: [8]\n", [],
+                      "breaks W&B's sweep schema")
 
 
 def test_unwritable_results_dir_is_one_clear_error(tmp_path, env):

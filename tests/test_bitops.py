@@ -20,6 +20,7 @@ from mobilenet_compression.checkpoint import FORMAT, atomic_save  # noqa: E402
 from mobilenet_compression.errors import UserError  # noqa: E402
 from mobilenet_compression.model import build_model  # noqa: E402
 from mobilenet_compression.quant import bitops
+from tests.conftest import run_main  # noqa: E402
 
 CLI = [sys.executable, "-m", "mobilenet_compression.bitops"]
 
@@ -180,6 +181,15 @@ def run_cli(*args):
                           timeout=120)
 
 
+def run_cli_in_process(*args):
+    """What run_cli runs, in this process (conftest.run_main): the module's `main`, whose
+    return value (the totals) `python -m` does not make its exit status."""
+    def main(argv):
+        bitops_cli.main(argv)
+
+    return run_main(main, args, REPO, dict(os.environ))
+
+
 def test_cli_imagenet_w8a8():
     p = run_cli("--arch", "imagenet", "--input_size", "224", "--quantize_all",
                 "--weight_bits", "8", "--activation_bits", "8")
@@ -190,6 +200,16 @@ def test_cli_imagenet_w8a8():
     assert "19,249,553,408" in p.stdout  # 300,774,272 x 64
 
 
+def check_bad_value(run, flag, value, message):
+    """`run` (run_cli or run_cli_in_process) with `flag value`: exit status 2, one `error:`
+    line that says `message`."""
+    p = run(flag, value)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--weight_bits", "1", "2..8"),
     ("--activation_bits", "12", "2..8"),
@@ -197,15 +217,18 @@ def test_cli_imagenet_w8a8():
     ("--width_multiplier", "0", "positive"),
 ])
 def test_cli_bad_values_one_line_exit_2(flag, value, message):
-    p = run_cli(flag, value)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], p.stderr
-    assert "Traceback" not in p.stderr
+    check_bad_value(run_cli_in_process, flag, value, message)
+
+
+def test_cli_bad_value_in_a_real_process_one_line_exit_2():
+    """A case of the test above again as a real `python -m mobilenet_compression.bitops`
+    (that test calls its main in this process): the entry point, and a real process's exit
+    status and stderr."""
+    check_bad_value(run_cli, "--weight_bits", "1", "2..8")
 
 
 def test_cli_non_integer_bits_exit_2():
-    p = run_cli("--weight_bits", "4.5")
+    p = run_cli_in_process("--weight_bits", "4.5")
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert "whole numbers" in p.stderr.strip().splitlines()[-1]

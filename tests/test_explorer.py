@@ -22,7 +22,7 @@ from mobilenet_compression.sources import export_metadata, load_model
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.deploy.export import export_quantized, load_quantized
 from mobilenet_compression.evaluation import eval_loader, evaluate, largest_difference
-from mobilenet_compression.mixed.explorer import predict_drop, summed_kl
+from mobilenet_compression.mixed.explorer import main as explorer_main, predict_drop, summed_kl
 from mobilenet_compression.quant.bias_correction import bias_correct
 from mobilenet_compression.quant.calibrate import calibrate
 from mobilenet_compression.quant.convert import convert
@@ -33,7 +33,7 @@ from mobilenet_compression.quant.precision import (
 )
 from mobilenet_compression.quant.prepare import quantize_model
 from mobilenet_compression.sweep import results
-from tests.conftest import load, torch_threads
+from tests.conftest import load, run_main, torch_threads
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
 
 SIZE = 28
@@ -48,7 +48,16 @@ def explorer(args, tmp):
     """The command, its sensitivity cache under `tmp`."""
     return subprocess.run([sys.executable, "-m", "mobilenet_compression.mixed.explorer", *args],
                           cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "MOBILENET_COMPRESSION_CACHE": str(tmp / "cache")})
+                          env=explorer_env(tmp))
+
+
+def explorer_in_process(args, tmp):
+    """What explorer() runs, as the module's `main` in this process (conftest.run_main)."""
+    return run_main(explorer_main, args, ROOT, explorer_env(tmp))
+
+
+def explorer_env(tmp):
+    return {**os.environ, "MOBILENET_COMPRESSION_CACHE": str(tmp / "cache")}
 
 
 def real_run(fp32, ckpt, checkpoint, plan, label, fashion_mnist, out_dir, baseline_acc):
@@ -242,22 +251,35 @@ def test_without_runs_the_page_shows_the_summed_kl(page, browser, tmp_path,
     assert numbers(browser)["kl"] > before
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "runs without runs.csv",
-                                  "out in a missing folder", "out not html"])
-def test_bad_inputs_are_one_error_line(tmp_path, small_checkpoint, case):  # noqa: F811
+def check_bad_input(run, tmp_path, checkpoint, case):
+    """`run` (explorer or explorer_in_process) with the arguments of `case`: exit status 2,
+    one `error:` line, no page written, the checkpoint untouched."""
     (tmp_path / "empty").mkdir()
-    ckpt_bytes = small_checkpoint.read_bytes()
+    ckpt_bytes = checkpoint.read_bytes()
     args = {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope.pt"),
                                    "--out", str(tmp_path / "p.html")],
-            "runs without runs.csv": ["--checkpoint", str(small_checkpoint), "--runs",
+            "runs without runs.csv": ["--checkpoint", str(checkpoint), "--runs",
                                       str(tmp_path / "empty"), "--out",
                                       str(tmp_path / "p.html")],
-            "out in a missing folder": ["--checkpoint", str(small_checkpoint), "--out",
+            "out in a missing folder": ["--checkpoint", str(checkpoint), "--out",
                                         str(tmp_path / "no" / "p.html")],
-            "out not html": ["--checkpoint", str(small_checkpoint), "--out",
-                             str(small_checkpoint)]}[case]
-    r = explorer(args, tmp_path)
+            "out not html": ["--checkpoint", str(checkpoint), "--out",
+                             str(checkpoint)]}[case]
+    r = run(args, tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "p.html").exists()
-    assert small_checkpoint.read_bytes() == ckpt_bytes  # never overwritten
+    assert checkpoint.read_bytes() == ckpt_bytes  # never overwritten
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "runs without runs.csv",
+                                  "out in a missing folder", "out not html"])
+def test_bad_inputs_are_one_error_line(tmp_path, small_checkpoint, case):  # noqa: F811
+    check_bad_input(explorer_in_process, tmp_path, small_checkpoint, case)
+
+
+def test_bad_input_in_a_real_process_is_one_error_line(tmp_path, small_checkpoint):  # noqa: F811
+    """A case of the test above again as a real `python -m mobilenet_compression.mixed.explorer`
+    (that test calls its main in this process): the entry point, and a real process's exit
+    status and stderr."""
+    check_bad_input(explorer, tmp_path, small_checkpoint, "runs without runs.csv")

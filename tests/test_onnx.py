@@ -26,6 +26,7 @@ from tests.test_qat import (  # noqa: F401  (small_checkpoint: a fixture)
     ROOT,
     env_for,
     small_checkpoint,
+    sweep_in_process,
     sweep_py,
 )
 
@@ -167,8 +168,10 @@ def test_engine_onnxruntime_run_logs_engine_and_matches_the_torch_engine(
 
 
 def test_bad_engine_is_one_error_line(tmp_path, small_checkpoint):  # noqa: F811
-    r = sweep_py(["--checkpoint", str(small_checkpoint), "--engine", "tensorrt",
-                  "--wandb_mode", "disabled"], tmp_path)
+    # sweep.py's main in this process: a bad flag's exit needs no interpreter of its own (the
+    # bad-input tests of test_sweep.py and test_qat.py keep one real process each)
+    r = sweep_in_process(["--checkpoint", str(small_checkpoint), "--engine", "tensorrt",
+                          "--wandb_mode", "disabled"], tmp_path)
     assert r.returncode == 2 and "--engine" in r.stderr and "invalid choice" in r.stderr
 
 

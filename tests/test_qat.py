@@ -3,6 +3,7 @@ real Fashion-MNIST (conftest.py), and QAT runs of sweep.py as real subprocesses 
 wandb in offline mode (the one stand-in: offline mode for the W&B server)."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from mobilenet_compression.quant.prepare import (
 )
 from mobilenet_compression.quant.qat import train_qat
 from mobilenet_compression.quant import bitops
-from tests.conftest import SMALL_MODEL_RECIPE, torch_threads
+from tests.conftest import SMALL_MODEL_RECIPE, run_main, torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WANDB_CLI = os.path.join(os.path.dirname(sys.executable), "wandb")
@@ -359,6 +360,15 @@ def sweep_py(args, tmp, **extra_env):
                           stdin=subprocess.DEVNULL)
 
 
+def sweep_in_process(args, tmp, **extra_env):
+    """What sweep_py runs, as sweep.py's `main` in this process (conftest.run_main); only for
+    runs that stop before W&B starts: a bad flag's."""
+    spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "sweep.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # sweep.py is not on sys.path
+    return run_main(script.main, args, tmp, env_for(tmp, **extra_env))
+
+
 def test_qat_run_logs_method_reloads_and_counts_bitops_from_its_plan(tmp_path,
                                                                      small_checkpoint):
     res = tmp_path / "res"
@@ -482,6 +492,22 @@ def test_agent_launched_run_stopped_mid_evaluation_leaves_a_failed_run_and_a_kil
     assert logged["state"] == "failed" and logged["summary"]["status"] == "killed"
 
 
+def check_bad_flags(run, tmp_path, small_checkpoint, flags, message):
+    """`run` (sweep_py or sweep_in_process) with `flags`: exit status 2, one `error:` line
+    that says `message`, runs.csv and the results folder untouched, no W&B run."""
+    res = tmp_path / "res" / "runs"
+    res.mkdir(parents=True)
+    (res / "runs.csv").write_text("run_id,quant_acc\nearlier,80.0\n")
+    r = run(["--checkpoint", str(small_checkpoint), "--results_dir", str(tmp_path / "res"),
+             *flags], tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert (res / "runs.csv").read_text() == "run_id,quant_acc\nearlier,80.0\n"
+    assert sorted(p.name for p in res.iterdir()) == ["runs.csv"]
+    assert not (tmp_path / "wandb").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--method", "int8"], "--method"),
     (["--method", "qat", "--qat_epochs", "0"], "--qat_epochs must be a positive number"),
@@ -494,14 +520,13 @@ def test_agent_launched_run_stopped_mid_evaluation_leaves_a_failed_run_and_a_kil
 ])
 def test_bad_qat_flags_are_one_line_exit_2_and_touch_nothing(tmp_path, small_checkpoint,
                                                              flags, message):
-    res = tmp_path / "res" / "runs"
-    res.mkdir(parents=True)
-    (res / "runs.csv").write_text("run_id,quant_acc\nearlier,80.0\n")
-    r = sweep_py(["--checkpoint", str(small_checkpoint), "--results_dir",
-                  str(tmp_path / "res"), *flags], tmp_path)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
-    assert (res / "runs.csv").read_text() == "run_id,quant_acc\nearlier,80.0\n"
-    assert sorted(p.name for p in res.iterdir()) == ["runs.csv"]
-    assert not (tmp_path / "wandb").exists()
+    check_bad_flags(sweep_in_process, tmp_path, small_checkpoint, flags, message)
+
+
+def test_bad_qat_flags_in_a_real_process_are_one_line_exit_2_and_touch_nothing(
+        tmp_path, small_checkpoint):
+    """A case of the test above again as a real `python sweep.py` (that test calls its main
+    in this process): the entry point, and a real process's exit status and stderr."""
+    check_bad_flags(sweep_py, tmp_path, small_checkpoint,
+                    ["--method", "qat", "--weight_bits", "32", "--activation_bits", "32"],
+                    "nothing")

@@ -2,6 +2,7 @@
 Fashion-MNIST, real wandb in offline mode. Nothing is mocked; the only stand-in is offline
 mode for the W&B server that cannot exist here."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+
+from tests.conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WANDB_CLI = os.path.join(os.path.dirname(sys.executable), "wandb")
@@ -30,6 +33,19 @@ def sweep_py(args, tmp, env=None, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], cwd=cwd,
                           env=env or env_for(tmp), capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
+
+
+def sweep_script():
+    """sweep.py as a module (it is not on sys.path), for its `main`."""
+    spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_in_process(args, tmp, env=None, cwd=ROOT):
+    """What sweep_py runs, as sweep.py's `main` in this process (conftest.run_main)."""
+    return run_main(sweep_script().main, args, cwd, env or env_for(tmp))
 
 
 def summary_of(run_dir):
@@ -170,6 +186,20 @@ def _other_arch(tmp, checkpoint):
     return p
 
 
+def check_bad_input(run, tmp_path, checkpoint, case, message):
+    """`run` (sweep_py or sweep_in_process) with the flags of `case`: exit status 2, one line
+    on stderr that says `message`, nothing written."""
+    flags = case(tmp_path, checkpoint)
+    if "--checkpoint" not in flags:
+        flags = ["--checkpoint", str(checkpoint), *flags]
+    r = run([*QUICK, *flags, "--results_dir", str(tmp_path / "res")], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("wandb:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "res").exists()
+
+
 @pytest.mark.parametrize("case, message", [
     (lambda t, c: ["--weight_bits", "1"], "--weight_bits"),
     (lambda t, c: ["--activation_bits", "4.5"], "invalid int value"),
@@ -183,15 +213,15 @@ def _other_arch(tmp, checkpoint):
     (lambda t, c: ["--no_such_flag", "1"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, checkpoint, case, message):
-    flags = case(tmp_path, checkpoint)
-    if "--checkpoint" not in flags:
-        flags = ["--checkpoint", str(checkpoint), *flags]
-    r = sweep_py([*QUICK, *flags, "--results_dir", str(tmp_path / "res")], tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr
-    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("wandb:")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr
-    assert not (tmp_path / "res").exists()
+    check_bad_input(sweep_in_process, tmp_path, checkpoint, case, message)
+
+
+def test_bad_input_in_a_real_process_is_one_line_exit_2_and_writes_nothing(tmp_path,
+                                                                           checkpoint):
+    """A case of the test above again as a real `python sweep.py` (that test calls its main
+    in this process): the entry point, and a real process's exit status and stderr."""
+    check_bad_input(sweep_py, tmp_path, checkpoint,
+                    lambda t, c: ["--checkpoint", str(_corrupt(t))], "corrupt")
 
 
 INIT_IN_SWEEP = """

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from tests.conftest import run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough for two CPU cores: width 0.25, a subset of the training set, three epochs.
 TINY = ["--dataset", "fashion-mnist", "--width_multiplier", "0.25", "--batch_size", "64",
@@ -22,11 +24,26 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
-def train(args, cwd, env=None, **kw):
+def train_env(cwd, env=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     full_env.update(WANDB_SILENT="true", WANDB_DIR=str(cwd), **(env or {}))
+    return full_env
+
+
+def train(args, cwd, env=None, **kw):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, **kw)
+                          env=train_env(cwd, env), capture_output=True, text=True, **kw)
+
+
+def train_in_process(args, cwd, env=None):
+    """What train() runs, in this process (conftest.run_main): train.py's `run_cli(argv)`,
+    whose return value (best.pt's content) train.py does not make its exit status."""
+    from mobilenet_compression.train import run_cli
+
+    def main(argv):
+        run_cli(argv)
+
+    return run_main(main, args, cwd, train_env(cwd, env))
 
 
 def weights(path):
@@ -139,6 +156,16 @@ def test_offline_wandb_run_logs_epochs_summary_and_model_artifact(tmp_path, data
     assert len(artifacts) == 1 and artifacts[0]["type"] == "model"
 
 
+def check_bad_input(run, tmp_path, flags, message):
+    """`run` (train or train_in_process) with `flags`: exit status 2, one line on stderr that
+    says `message`."""
+    r = run(["--data_dir", str(tmp_path / "nodata"), "--checkpoint_dir", str(tmp_path / "ck"),
+             "--wandb_mode", "disabled", *flags], tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], "--epochs must be positive"),
     (["--batch_size", "-8"], "--batch_size must be positive"),
@@ -150,11 +177,13 @@ def test_offline_wandb_run_logs_epochs_summary_and_model_artifact(tmp_path, data
     (["--resume"], "--resume needs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, message):
-    r = train(["--data_dir", str(tmp_path / "nodata"), "--checkpoint_dir", str(tmp_path / "ck"),
-               "--wandb_mode", "disabled", *flags], tmp_path)
-    assert r.returncode == 2
-    assert message in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    check_bad_input(train_in_process, tmp_path, flags, message)
+
+
+def test_bad_input_in_a_real_process_is_one_line_and_exit_2(tmp_path):
+    """A case of the test above again as a real `python train.py` (that test calls its main
+    in this process): the entry point, and a real process's exit status and stderr."""
+    check_bad_input(train, tmp_path, ["--resume"], "--resume needs")
 
 
 def test_unwritable_checkpoint_dir(tmp_path):
