@@ -1,5 +1,6 @@
 """Per-layer sensitivity on the small model trained on the real Fashion-MNIST (conftest)."""
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -11,16 +12,47 @@ from mobilenet_compression.mixed import sensitivity as sens
 from mobilenet_compression.checkpoint import atomic_save, model_from_checkpoint
 from mobilenet_compression.data import BatchLoader
 from mobilenet_compression.errors import UserError
-from tests.conftest import torch_threads
+from mobilenet_compression.model import build_model
+from tests.conftest import SMALL_MODEL_RECIPE, torch_threads
 from tests.test_equalize import with_narrow_channels
 from tests.test_qat import ROOT, small_checkpoint  # noqa: F401  (a fixture)
 
 
-def test_fewer_bits_hurt_more_and_kl_is_never_negative(fashion_mnist, fashion_mnist_model):
+def _loader(fashion_mnist):
+    """The first 128 training images in 2 batches of 64: `nearest_table`'s, and those of the
+    tables the tests compare with it."""
     info, train, _, _ = fashion_mnist
-    loader = BatchLoader(train.head(128), info, 64, channels_last=True)
+    return BatchLoader(train.head(128), info, 64, channels_last=True)
+
+
+@pytest.fixture(scope="module")
+def nearest_table(fashion_mnist, _fashion_mnist_state):
+    """`measure` of the conftest model on `_loader`'s images at 2, 3, 4 and 8 bits, with the
+    defaults (calibration auto, nearest rounding): measured once for the three tests that
+    priced those bits with those settings, each on its own table (bits (2, 8), (3, 4),
+    (3, 8)). Each bit width is measured on its own, so its values are the same, bit for
+    bit, whichever other widths are measured with it (checked for each of those tuples when
+    this fixture was written); a test reads its own widths through `_at`, a copy."""
+    info = fashion_mnist[0]
+    model = build_model("cifar", info.num_classes, SMALL_MODEL_RECIPE["width_multiplier"],
+                        info.in_channels)
+    model.load_state_dict(copy.deepcopy(_fashion_mnist_state))
     with torch_threads(1):
-        table = sens.measure(fashion_mnist_model, loader, 2, bits=(2, 8))
+        return sens.measure(model.eval(), _loader(fashion_mnist), 2, bits=(2, 3, 4, 8),
+                            rounding="nearest")
+
+
+def _at(table, bits):
+    """A copy of `table` with only the bit widths `bits`: the table `measure(..., bits=bits)`
+    gives."""
+    keep = [str(b) for b in bits]
+    return {"layers": list(table["layers"]),
+            **{kind: {n: {b: table[kind][n][b] for b in keep} for n in table["layers"]}
+               for kind in ("weight", "activation")}}
+
+
+def test_fewer_bits_hurt_more_and_kl_is_never_negative(nearest_table):
+    table = _at(nearest_table, (2, 8))
     layers = table["layers"]
     assert len(layers) > 30 and "features.0.0" not in layers and "classifier.1" not in layers
     for kind in ("weight", "activation"):
@@ -35,8 +67,10 @@ def test_starting_at_the_quantized_layers_block_changes_no_value(
     # The blocks before the one quantized layer's block run once, in FP32 (sens._Suffix);
     # every value must be what the whole network's forward gives, bit for bit, including
     # the layers that quantize their block's input in place (the cached input is copied).
+    # On 64 images (2 batches of 32, one forward as on 128): whole-network passes cost
+    # three times the shortcut's, and what is checked is equality, on any images.
     info, train, _, _ = fashion_mnist
-    loader = BatchLoader(train.head(128), info, 64, channels_last=True)
+    loader = BatchLoader(train.head(64), info, 32, channels_last=True)
     with torch_threads(1):
         suffix = sens.measure(fashion_mnist_model, loader, 2, bits=(3,))
         monkeypatch.setattr(sens._Suffix, "__call__",
@@ -47,15 +81,13 @@ def test_starting_at_the_quantized_layers_block_changes_no_value(
 
 
 def test_3_bit_inputs_are_priced_at_the_clip_a_run_searches_and_4_bit_ones_at_mse(
-        fashion_mnist, fashion_mnist_model):
+        fashion_mnist, fashion_mnist_model, nearest_table):
     # --calibration auto (the runs' default) searches the clips of 3- and 2-bit inputs: the
     # table prices those inputs at the best of the search's candidates (the mse clip among
     # them, so never worse), and the 4-bit ones at their mse clip, as the runs get them.
-    info, train, _, _ = fashion_mnist
-    loader = BatchLoader(train.head(128), info, 64, channels_last=True)
+    loader = _loader(fashion_mnist)
+    auto = _at(nearest_table, (3, 4))
     with torch_threads(1):
-        auto = sens.measure(fashion_mnist_model, loader, 2, bits=(3, 4),
-                            rounding="nearest")
         mse = sens.measure(fashion_mnist_model, loader, 2, bits=(3, 4), calibration="mse",
                            rounding="nearest")
     layers = auto["layers"]
@@ -67,16 +99,15 @@ def test_3_bit_inputs_are_priced_at_the_clip_a_run_searches_and_4_bit_ones_at_ms
 
 
 def test_gptq_rounding_prices_the_weights_as_gptq_runs_round_them(
-        fashion_mnist, fashion_mnist_model):
+        fashion_mnist, fashion_mnist_model, nearest_table):
     # Runs round their weights by GPTQ by default, which makes low weight bits far cheaper
     # than nearest rounding; the table the plan is chosen from must see that. Each layer's
     # weights are GPTQ-rounded on its own FP32 inputs: lower KL than nearest rounding for
     # nearly every layer at 3 bits; 8-bit weights (which GPTQ leaves alone) and the
     # activation cases unchanged.
-    info, train, _, _ = fashion_mnist
-    loader = BatchLoader(train.head(128), info, 64, channels_last=True)
+    loader = _loader(fashion_mnist)
+    nearest = _at(nearest_table, (3, 8))
     with torch_threads(1):
-        nearest = sens.measure(fashion_mnist_model, loader, 2, bits=(3, 8), rounding="nearest")
         gptq = sens.measure(fashion_mnist_model, loader, 2, bits=(3, 8), rounding="gptq")
     layers = gptq["layers"]
     assert gptq["activation"] == nearest["activation"]
