@@ -17,10 +17,7 @@ quantized (run.py searches after GPTQ, once the weights are final), so each choi
 error of every earlier choice (coordinate descent, one pass). A quantizer in block k changes
 nothing before block k, so the network's state at block k's input is computed once per
 block and only blocks k.. run per candidate (torchvision's MobileNetV2 layout; any other
-model runs whole); inside an inverted-residual block, the layers before the quantized one
-run once per quantizer too (`_within_block`), so a candidate of a depthwise or projection
-input runs from that layer on. The same operations on the same tensors as the whole
-network's forward: the same clips, bit for bit.
+model runs whole).
 
 The search reads 128 training images and can fit them at the test set's expense: on
 `make demo`'s 90% checkpoint, where `mse`'s A3 clips were already sound, it cost up to 1.6
@@ -44,18 +41,6 @@ def _set_scales(quantizers, scales):
 
 
 _block_of = feature_block  # (a module attribute: a test runs the search without the shortcut)
-
-
-def _within_block(name, block):
-    """The index i in `block.conv` of the layer `name` (features.k.conv.i...) of one of
-    torchvision's InvertedResidual blocks, when i > 0 (layers before it run once); else
-    None."""
-    parts = name.split(".")
-    if not (len(parts) > 3 and parts[2] == "conv" and hasattr(block, "use_res_connect")
-            and isinstance(getattr(block, "conv", None), torch.nn.Sequential)):
-        return None
-    i = int(parts[3])
-    return i if i > 0 else None
 
 
 @torch.no_grad()
@@ -83,31 +68,19 @@ def search_clips(qmodel, fp32_model, loader, num_batches=SEARCH_BATCHES, factors
         for name, layer in layers:
             q = layer.input_quant
             k = _block_of(name) if blocked else None
-            i = None
             if k is not None:
                 with torch.inference_mode():
                     for block in qmodel.features[at:k]:
                         h = block(h)
                 at = max(at, k)
-                block = qmodel.features[k]
-                i = _within_block(name, block)
-                if i is not None:  # the block's layers before this one, once
-                    with torch.inference_mode():
-                        pre = block.conv[:i](h.clone())  # (h: kept for the residual add)
 
             def score():
                 with torch.inference_mode():
                     if k is None:
                         return kl(ref, qmodel(x))
-                    if i is None:
-                        out = h.clone()  # a layer may quantize its exclusive input in place
-                        rest = qmodel.features[k:]
-                    else:  # InvertedResidual.forward from conv[i] on
-                        out = block.conv[i:](pre.clone())
-                        out = h + out if block.use_res_connect else out
-                        rest = qmodel.features[k + 1:]
-                    for b in rest:
-                        out = b(out)
+                    out = h.clone()  # a layer may quantize its exclusive input in place
+                    for block in qmodel.features[k:]:
+                        out = block(out)
                     return kl(ref, head(qmodel, out))
 
             old, best, kl_old, kl_best = best_clip(q, score, factors, fine)
