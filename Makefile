@@ -69,4 +69,4 @@ slurm-demo: checkpoints/best.pt $(SLURMCTLD)
 	$(PY) sweep.py --report $$(dirname runs/slurm-demo/*/grid.json)
 
 test: setup $(CHROMEDRIVER) $(SLURMCTLD)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadfile

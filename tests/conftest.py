@@ -40,21 +40,6 @@ SMALL_MODEL_RECIPE = dict(width_multiplier=0.25, steps=240, batch_size=64, max_l
 MIN_VAL_ACC = 50.0
 
 
-# The test files that take longest (summed, on 2 cores), heaviest first: `make test` hands
-# whole files to its two workers in this order (--no-loadscope-reorder; xdist would order
-# them by their number of tests), so the last files to start are short ones and both
-# workers end at about the same time. The others follow in their own order.
-HEAVIEST_FIRST = ("test_sources.py", "test_qat.py", "test_sensitivity.py", "test_slurm.py",
-                  "test_train.py", "test_sweep.py", "test_agent.py", "test_clip_search.py",
-                  "test_planner.py", "test_explorer.py", "test_onnx.py", "test_results.py",
-                  "test_quantization.py", "test_fp32_stats.py", "test_mixed_defaults.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
-
-
 @contextlib.contextmanager
 def torch_threads(n):
     """Run with n intra-op threads. On 2 shared cores, two OpenMP threads that spin while the

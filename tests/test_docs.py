@@ -116,12 +116,3 @@ def test_every_committed_page_finds_the_plotly_js_it_loads():
         for src in sources:
             assert not re.match(r"[a-z]+:", src), f"{page}: {src} is fetched from the network"
             assert (page.parent / src).is_file(), f"{page}: {src} is missing"
-
-
-def test_the_suites_longest_files_are_files_of_the_suite():
-    # `make test` starts these first (tests/conftest.py); a renamed file would silently fall
-    # back to the end of the queue.
-    from tests.conftest import HEAVIEST_FIRST
-
-    assert len(set(HEAVIEST_FIRST)) == len(HEAVIEST_FIRST)
-    assert all((REPO / "tests" / name).is_file() for name in HEAVIEST_FIRST)
