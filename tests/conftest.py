@@ -2,7 +2,9 @@
 
 import contextlib
 import copy
+import functools
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
@@ -91,6 +93,21 @@ def run_main(main, argv, cwd, env):
         os.environ.update(old_env)
         torch.set_num_threads(old_threads)
     return subprocess.CompletedProcess(list(argv), code or 0, out.getvalue(), err.getvalue())
+
+
+@functools.cache
+def _sweep_script():
+    path = Path(__file__).resolve().parents[1] / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def sweep_main(argv):
+    """sweep.py's `main(argv)` (the entry script, not on sys.path; loaded once), for
+    run_main."""
+    return _sweep_script().main(argv)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ it speaks the same contract (parameters from wandb.config, summary keys, one run
 mobilenet_compression.sweep.results) in a second instead of a minute.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import run_main
+from tests.conftest import run_main, sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,10 +95,7 @@ def sweep(args, cwd, env, timeout=120):
 def sweep_in_process(args, cwd, env):
     """What sweep() runs, as sweep.py's `main` in this process (conftest.run_main), with the
     same cwd and environment; only for a sweep that fails before its first run starts."""
-    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "sweep.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)  # sweep.py is not on sys.path
-    return run_main(script.main, args, cwd, env)
+    return run_main(sweep_main, args, cwd, env)
 
 
 def offline_runs(wandb_dir):

@@ -3,7 +3,6 @@ real Fashion-MNIST (conftest.py), and QAT runs of sweep.py as real subprocesses 
 wandb in offline mode (the one stand-in: offline mode for the W&B server)."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ from mobilenet_compression.quant.prepare import (
 )
 from mobilenet_compression.quant.qat import train_qat
 from mobilenet_compression.quant import bitops
-from tests.conftest import SMALL_MODEL_RECIPE, run_main, torch_threads
+from tests.conftest import SMALL_MODEL_RECIPE, run_main, sweep_main, torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WANDB_CLI = os.path.join(os.path.dirname(sys.executable), "wandb")
@@ -363,10 +362,7 @@ def sweep_py(args, tmp, **extra_env):
 def sweep_in_process(args, tmp, **extra_env):
     """What sweep_py runs, as sweep.py's `main` in this process (conftest.run_main); only for
     runs that stop before W&B starts: a bad flag's."""
-    spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "sweep.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)  # sweep.py is not on sys.path
-    return run_main(script.main, args, tmp, env_for(tmp, **extra_env))
+    return run_main(sweep_main, args, tmp, env_for(tmp, **extra_env))
 
 
 def test_qat_run_logs_method_reloads_and_counts_bitops_from_its_plan(tmp_path,

@@ -2,7 +2,6 @@
 Fashion-MNIST, real wandb in offline mode. Nothing is mocked; the only stand-in is offline
 mode for the W&B server that cannot exist here."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_main
+from tests.conftest import run_main, sweep_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WANDB_CLI = os.path.join(os.path.dirname(sys.executable), "wandb")
@@ -35,17 +34,9 @@ def sweep_py(args, tmp, env=None, cwd=ROOT):
                           stdin=subprocess.DEVNULL)
 
 
-def sweep_script():
-    """sweep.py as a module (it is not on sys.path), for its `main`."""
-    spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "sweep.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def sweep_in_process(args, tmp, env=None, cwd=ROOT):
     """What sweep_py runs, as sweep.py's `main` in this process (conftest.run_main)."""
-    return run_main(sweep_script().main, args, cwd, env or env_for(tmp))
+    return run_main(sweep_main, args, cwd, env or env_for(tmp))
 
 
 def summary_of(run_dir):
